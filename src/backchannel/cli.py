@@ -1,0 +1,178 @@
+"""The ``backchannel`` command: run a hub, publish to it, poll it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import MISSING, fields
+from typing import Any
+
+import orjson
+
+from . import __version__
+from .client import DEFAULT_URL, Client, HubError, HubUnreachable
+from .server.config import Settings, parse_value
+
+EPILOG = """\
+examples:
+  backchannel serve                          # hub on 127.0.0.1:8000, SQLite in ./backchannel-data
+  backchannel publish news 'hello'           # text message
+  backchannel publish news '{"n": 1}' --json # JSON message
+  backchannel poll news                      # everything retained
+  backchannel poll news --after 0000000000000002 --wait 30   # long poll
+"""
+
+
+def _serve_parser(sub: Any) -> None:
+    parser = sub.add_parser(
+        "serve",
+        help="run the hub",
+        description="Run the hub. Every flag can also be set with the environment variable "
+        "shown; a flag wins over the variable.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for f in fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        env = Settings.env_name(f.name)
+        help_text = f"{f.metadata['help']} [env {env}]"
+        assert f.default is not MISSING
+        if f.type == "bool":
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
+        else:
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                metavar=f.name.upper(),
+                type=lambda raw, name=f.name: parse_value(name, raw),
+                choices=f.metadata.get("choices"),
+                default=argparse.SUPPRESS,
+                help=help_text + f" (default: {f.default})",
+            )
+
+
+def _client_parent() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
+        "--url",
+        default=os.environ.get("BACKCHANNEL_URL", DEFAULT_URL),
+        help=f"the hub's address [env BACKCHANNEL_URL] (default: {DEFAULT_URL})",
+    )
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="backchannel",
+        description="A communication hub for Python backends: channels on a durable log, "
+        "reached by publishing, short polling and long polling.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"backchannel {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _serve_parser(sub)
+    client = _client_parent()
+
+    publish = sub.add_parser(
+        "publish",
+        parents=[client],
+        help="publish one message",
+        description="Publish one message and print its id, channel and time as JSON.",
+    )
+    publish.add_argument("channel", metavar="CHANNEL")
+    publish.add_argument("data", metavar="DATA", help="the message; - reads it from standard input")
+    kind = publish.add_mutually_exclusive_group()
+    kind.add_argument("--json", action="store_true", help="send DATA as application/json")
+    kind.add_argument(
+        "--content-type",
+        default=None,
+        help="send DATA with this content type (default: text/plain; charset=utf-8)",
+    )
+    publish.add_argument(
+        "--idempotency-key",
+        default=None,
+        help="a retried publish with the same key returns the first result",
+    )
+
+    poll = sub.add_parser(
+        "poll",
+        parents=[client],
+        help="read messages (short or long poll)",
+        description="Print the messages after a cursor as JSON: {messages, next_after}. Pass "
+        "next_after as --after next time to continue where you left off.",
+    )
+    poll.add_argument("channel", metavar="CHANNEL")
+    poll.add_argument(
+        "--after",
+        default=None,
+        metavar="ID",
+        help="the id of the last message you saw (default: from the oldest retained)",
+    )
+    poll.add_argument(
+        "--wait",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="long poll: wait up to SECONDS for a first new message",
+    )
+    poll.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="at most N messages (default: the hub's default_limit)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args, parser)
+    try:
+        with Client(args.url) as client:
+            if args.command == "publish":
+                result = _publish(client, args)
+            else:
+                result = client.poll(
+                    args.channel, after=args.after, limit=args.limit, wait=args.wait
+                )
+    except HubUnreachable as exc:
+        print(f"backchannel: {exc} (is `backchannel serve` running?)", file=sys.stderr)
+        return 2
+    except HubError as exc:
+        print(f"backchannel: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.write(orjson.dumps(result).decode() + "\n")
+    return 0
+
+
+def _publish(client: Client, args: argparse.Namespace) -> dict[str, Any]:
+    data: bytes = sys.stdin.buffer.read() if args.data == "-" else os.fsencode(args.data)
+    if args.json:
+        content_type = "application/json"
+    else:
+        content_type = args.content_type or "text/plain; charset=utf-8"
+    return client.publish(
+        args.channel, content=data, content_type=content_type, idempotency_key=args.idempotency_key
+    )
+
+
+def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .server.run import serve
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(Settings) if hasattr(args, f.name)}
+    try:
+        settings = Settings.from_env(**overrides)
+    except (TypeError, ValueError) as exc:
+        parser.error(str(exc))
+    serve(settings)
+    return 0

@@ -1,0 +1,33 @@
+"""Exceptions raised by the client.
+
+::
+
+    ClientError
+    ├── HubUnreachable     no connection could be made, or it broke before an answer
+    └── HubError           the hub answered with an error; ``.problem`` has its document
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ClientError(Exception):
+    pass
+
+
+class HubUnreachable(ClientError):
+    pass
+
+
+class HubError(ClientError):
+    def __init__(self, status: int, problem: dict[str, Any]) -> None:
+        self.status = status
+        self.problem = problem
+        title = problem.get("title") or f"HTTP {status}"
+        detail = problem.get("detail")
+        super().__init__(f"{title}: {detail}" if detail else title)
+
+    @property
+    def type(self) -> str:
+        return str(self.problem.get("type", "about:blank"))

@@ -1,0 +1,59 @@
+"""The ``Store`` interface: everything the core asks of storage.
+
+Implementations live in :mod:`backchannel.store`. Rules every implementation keeps (the
+behaviour suite in ``tests/store`` checks them):
+
+- Sequence numbers of a channel start at 1, grow by one per appended message and are never
+  reused, even after retention removes every message of the channel or the process restarts.
+- ``append`` returns only once the message is durable to the degree the store promises (the
+  SQLite store: survives a crash of the process).
+- Retention keeps at most ``max_count`` messages per channel (enforced at append) and hides
+  messages older than ``max_age_ms`` at once (``read`` and ``stats`` take ``now_ms``);
+  ``trim`` deletes them for good.
+- An ``idempotency_key`` already used in the channel within the key's lifetime returns the
+  first message with ``replayed=True``; with a different ``digest`` it raises
+  :class:`~backchannel.core.errors.IdempotencyKeyReused`.
+- Listeners are called on the event loop with ``(channel, last_seq)`` after messages are
+  durably appended. A store shared by several hub processes calls them for appends made by
+  any process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from .channels import Retention
+from .messages import Appended, ChannelStats, Draft, Message
+
+Listener = Callable[[str, int], None]
+
+
+class Store(Protocol):
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise if the store cannot serve requests now."""
+
+    def add_listener(self, listener: Listener) -> None: ...
+
+    async def append(self, channel: str, draft: Draft, *, now_ms: int) -> Appended: ...
+
+    async def read(
+        self, channel: str, *, after: int, limit: int, max_bytes: int, now_ms: int
+    ) -> list[Message]:
+        """Up to ``limit`` messages with ``seq > after``, oldest first, stopping once their
+        data adds up to ``max_bytes`` (at least one message is always returned if any)."""
+
+    async def stats(self, channel: str, *, now_ms: int) -> ChannelStats: ...
+
+    async def get_retention(self, channel: str) -> Retention:
+        """The channel's policy: its own if set, else the store's default."""
+
+    async def set_retention(self, channel: str, retention: Retention | None) -> None:
+        """Give the channel its own policy, or ``None`` to go back to the default."""
+
+    async def trim(self, *, now_ms: int) -> int:
+        """Delete expired messages and idempotency keys; return how many messages went."""

@@ -1,0 +1,152 @@
+"""The ASGI application: routing, error mapping, and the hub's life cycle.
+
+``create_app()`` returns an ASGI app that runs under any ASGI server, and can be mounted inside
+a Starlette or FastAPI app. It starts its store on the ASGI lifespan startup event, or on the
+first request when the host does not forward lifespan events to mounted apps (Starlette's
+``Mount`` does not); call :meth:`BackchannelApp.shutdown` from the host's own shutdown to close
+the store cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import orjson
+
+from ..core.errors import (
+    BackchannelError,
+    IdempotencyKeyReused,
+    InvalidRequest,
+    TooBusy,
+    Unavailable,
+)
+from ..core.hub import Hub
+from ..core.store import Store
+from ..store import open_store
+from . import openapi
+from .asgi import Receive, Scope, Send
+from .config import Settings
+from .http import ClientDisconnected, Request, Response, problem_response
+from .problems import PROBLEM_TYPES, HTTPProblem
+from .router import Matched, request_path
+from .routes import MUX
+
+log = logging.getLogger("backchannel.server")
+
+RETRY_SOON = (b"retry-after", b"1")
+
+
+class BackchannelApp:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        store: Store | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings or Settings()
+        if store is None:
+            store = open_store(
+                self.settings.store_url,
+                retention=self.settings.retention,
+                idempotency_ttl_ms=int(self.settings.idempotency_ttl * 1000),
+                sqlite_synchronous="full"
+                if self.settings.sqlite_synchronous == "full"
+                else "normal",
+            )
+        self.hub = Hub(store, limits=self.settings.limits, clock=clock)
+        self.openapi_json = orjson.dumps(openapi.build(self.settings))
+        self._start_lock = asyncio.Lock()
+
+    async def startup(self) -> None:
+        async with self._start_lock:
+            if not self.hub.started:
+                await self.hub.start()
+
+    async def shutdown(self) -> None:
+        await self.hub.stop()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+        elif kind == "websocket":
+            # Refusing before accepting makes the server answer the handshake with 403.
+            await send({"type": "websocket.close", "code": 1008})
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    log.error("startup failed: %s", exc)
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                try:
+                    await self.shutdown()
+                finally:
+                    await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = request_path(scope)
+        try:
+            response = await self._dispatch(scope, receive, path)
+        except ClientDisconnected:
+            return
+        except HTTPProblem as problem:
+            response = problem_response(problem, path)
+        except BackchannelError as exc:
+            response = problem_response(_problem_for(exc), path)
+        except Exception:
+            log.exception("unhandled error in %s %s", scope.get("method"), path)
+            response = problem_response(
+                HTTPProblem("internal-error", "the hub failed to answer; see its log"), path
+            )
+        await response.send(send)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, path: str) -> Response:
+        found = MUX.match(scope["method"], path)
+        if not isinstance(found, Matched):
+            if found.allowed:
+                allow = ", ".join(found.allowed).encode()
+                raise HTTPProblem(
+                    "method-not-allowed",
+                    f"{scope['method']} is not allowed here; use {allow.decode()}",
+                    headers=[(b"allow", allow)],
+                )
+            raise HTTPProblem("not-found", f"no route for {path[:200]}")
+        if not self.hub.started:
+            await self.startup()
+        request = Request(self, scope, receive, path, found.params)
+        return await found.route.endpoint(request)
+
+
+def _problem_for(exc: BackchannelError) -> HTTPProblem:
+    if isinstance(exc, InvalidRequest) and exc.kind in PROBLEM_TYPES:
+        return HTTPProblem(exc.kind, exc.detail)
+    if isinstance(exc, IdempotencyKeyReused):
+        return HTTPProblem("idempotency-key-reused", exc.detail)
+    if isinstance(exc, TooBusy | Unavailable):
+        return HTTPProblem(exc.kind, exc.detail, headers=[RETRY_SOON])
+    log.error("no problem type for %r", exc)
+    return HTTPProblem("internal-error", "the hub failed to answer; see its log")
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    store: Store | None = None,
+    clock: Callable[[], float] = time.time,
+) -> BackchannelApp:
+    """The hub as an ASGI application."""
+    return BackchannelApp(settings, store=store, clock=clock)

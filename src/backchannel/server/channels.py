@@ -1,0 +1,145 @@
+"""HTTP endpoints of channels: publish, poll (short and long), info, retention."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import orjson
+
+from ..core.channels import Retention, validate_channel
+from ..core.hub import ChannelInfo
+from ..wire import InvalidCursor, parse_id
+from ..wire.jsonfmt import encode_page, format_time
+from .http import JSON, ClientDisconnected, Request, Response, json_response
+from .problems import HTTPProblem
+
+NO_STORE = (b"cache-control", b"no-store")
+MAX_SETTINGS_BYTES = 16 * 1024
+
+
+async def publish(request: Request) -> Response:
+    hub = request.app.hub
+    channel = validate_channel(request.params["channel"])
+    key = request.header(b"idempotency-key")
+    data = await request.body(hub.limits.max_message_bytes)
+    appended = await hub.publish(
+        channel, data, content_type=request.header(b"content-type"), idempotency_key=key
+    )
+    message = appended.message
+    headers = [NO_STORE]
+    if appended.replayed:
+        headers.append((b"idempotent-replayed", b"true"))
+    return json_response(
+        201,
+        {"id": message.id, "channel": channel, "time": format_time(message.time_ms)},
+        headers,
+    )
+
+
+async def poll(request: Request) -> Response:
+    hub = request.app.hub
+    channel = validate_channel(request.params["channel"])
+    query = request.query()
+    after = _cursor(query.get("after"))
+    limit = _integer(query, "limit")
+    wait = _seconds(query, "wait")
+    if wait:
+        page = await request.until_disconnected(
+            hub.poll(channel, after=after, limit=limit, wait=wait)
+        )
+    else:
+        page = await hub.poll(channel, after=after, limit=limit)
+    body = encode_page([m.json for m in page.messages], page.next_after)
+    return Response(200, body, JSON, [NO_STORE])
+
+
+async def channel_info(request: Request) -> Response:
+    info = await request.app.hub.info(request.params["channel"])
+    return json_response(200, _info_document(info), [NO_STORE])
+
+
+async def configure_channel(request: Request) -> Response:
+    channel = validate_channel(request.params["channel"])
+    body = await request.body(MAX_SETTINGS_BYTES)
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise HTTPProblem("malformed-json", f"the body is not valid JSON: {exc}") from None
+    if not isinstance(document, dict) or set(document) - {"retention"}:
+        raise HTTPProblem(
+            "invalid-retention",
+            'the body is {"retention": {"max_count": N, "max_age": S}} or {"retention": null}',
+        )
+    retention = _retention(document.get("retention"), request.app.settings.retention)
+    info = await request.app.hub.configure(channel, retention)
+    return json_response(200, _info_document(info), [NO_STORE])
+
+
+def _retention(value: Any, default: Retention) -> Retention | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) - {"max_count", "max_age"}:
+        raise HTTPProblem("invalid-retention", "retention takes max_count and max_age")
+    max_count = value.get("max_count", default.max_count)
+    max_age = value.get("max_age", default.max_age_ms / 1000)
+    if not isinstance(max_count, int) or isinstance(max_count, bool) or max_count < 1:
+        raise HTTPProblem("invalid-retention", "max_count must be an integer of at least 1")
+    if (
+        not isinstance(max_age, int | float)
+        or isinstance(max_age, bool)
+        or not math.isfinite(max_age)
+        or not 1 <= max_age <= 10 * 365 * 86400
+    ):
+        raise HTTPProblem("invalid-retention", "max_age must be between 1 second and 10 years")
+    return Retention(max_count=max_count, max_age_ms=int(max_age * 1000))
+
+
+def _info_document(info: ChannelInfo) -> dict[str, object]:
+    return {
+        "channel": info.channel,
+        "last_id": info.last_id,
+        "first_id": info.first_id,
+        "retained": info.retained,
+        "retention": {
+            "max_count": info.retention.max_count,
+            "max_age": info.retention.max_age_ms / 1000,
+        },
+        "subscribers": info.subscribers,
+    }
+
+
+def _cursor(value: str | None) -> int:
+    if value is None:
+        return 0
+    try:
+        return parse_id(value)
+    except InvalidCursor as exc:
+        raise HTTPProblem("invalid-cursor", str(exc)) from None
+
+
+def _integer(query: dict[str, str], name: str) -> int | None:
+    value = query.get(name)
+    if value is None:
+        return None
+    if not (value.isascii() and value.isdigit()) or len(value) > 12:
+        raise HTTPProblem("invalid-parameter", f"{name} must be a whole number, not {value[:40]!r}")
+    return int(value)
+
+
+def _seconds(query: dict[str, str], name: str) -> float:
+    value = query.get(name)
+    if value is None:
+        return 0.0
+    try:
+        seconds = float(value) if len(value) <= 32 else math.nan
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds):
+        raise HTTPProblem(
+            "invalid-parameter", f"{name} must be a number of seconds, not {value[:40]!r}"
+        )
+    return seconds
+
+
+__all__ = ["ClientDisconnected", "channel_info", "configure_channel", "poll", "publish"]

@@ -1,0 +1,154 @@
+"""Configuration: every setting is a command-line flag and a ``BACKCHANNEL_*`` variable.
+
+:class:`Settings` is the one place settings are declared. The CLI builds ``backchannel serve``'s
+flags from it, and ``docs/configuration.md`` lists the same table (a test keeps them in step).
+Precedence: flag, then environment variable, then default.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from ..core.channels import Retention
+from ..core.hub import Limits
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def _setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    host: str = _setting("127.0.0.1", "address to listen on")
+    port: int = _setting(8000, "HTTP port to listen on (0 picks a free one)")
+    data_dir: str = _setting(
+        "backchannel-data", "folder for the embedded store's files, used when no store URL is given"
+    )
+    store: str = _setting(
+        "",
+        "store URL: sqlite:///relative/file.db, sqlite:////absolute/file.db or memory:// "
+        "(default: sqlite in the data dir)",
+    )
+    sqlite_synchronous: str = _setting(
+        "normal",
+        "SQLite durability: normal survives a crash of the hub process, full also a power loss",
+        choices=("normal", "full"),
+    )
+    retention_count: int = _setting(
+        10_000, "messages a channel keeps at most, unless set per channel"
+    )
+    retention_age: float = _setting(
+        86_400.0, "seconds a message is kept at most, unless set per channel"
+    )
+    idempotency_ttl: float = _setting(86_400.0, "seconds an Idempotency-Key is remembered")
+    max_message_bytes: int = _setting(1_048_576, "largest message body accepted (413 above)")
+    default_limit: int = _setting(100, "messages per poll answer when the request gives no limit")
+    max_limit: int = _setting(1000, "largest limit a poll may ask for (400 above)")
+    max_read_bytes: int = _setting(
+        4_194_304, "message bytes per poll answer, past which the answer stops early"
+    )
+    max_wait: float = _setting(60.0, "longest wait a long poll may ask for, in seconds (400 above)")
+    max_long_polls: int = _setting(10_000, "long polls waiting at once (503 above)")
+    sweep_interval: float = _setting(60.0, "seconds between deletions of expired messages")
+    log_level: str = _setting("info", "log level", choices=LOG_LEVELS)
+    access_log: bool = _setting(False, "log every request (costs throughput)")
+
+    @staticmethod
+    def env_name(name: str) -> str:
+        return "BACKCHANNEL_" + name.upper()
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from ``BACKCHANNEL_*`` variables, then ``overrides``. Raises ``ValueError``
+        naming the variable when one does not parse."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(cls.env_name(f.name))
+            if raw is not None:
+                values[f.name] = parse_value(f.name, raw)
+        values.update(overrides)
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number")
+            if choices and value not in choices:
+                raise ValueError(f"{f.name} must be one of {', '.join(choices)}, not {value!r}")
+        positive = (
+            "retention_count",
+            "max_message_bytes",
+            "default_limit",
+            "max_limit",
+            "max_read_bytes",
+            "max_long_polls",
+            "retention_age",
+            "idempotency_ttl",
+            "sweep_interval",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.max_wait < 0:
+            raise ValueError("max_wait must not be negative")
+        if self.retention_age < 1:
+            raise ValueError("retention_age must be at least 1 second")
+        if self.default_limit > self.max_limit:
+            raise ValueError("default_limit must not exceed max_limit")
+        if not 0 <= self.port <= 65535:
+            raise ValueError("port must be between 0 and 65535")
+
+    @property
+    def store_url(self) -> str:
+        if self.store:
+            return self.store
+        return "sqlite:///" + os.path.join(self.data_dir, "backchannel.db")
+
+    @property
+    def retention(self) -> Retention:
+        return Retention(max_count=self.retention_count, max_age_ms=int(self.retention_age * 1000))
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(
+            max_message_bytes=self.max_message_bytes,
+            default_limit=self.default_limit,
+            max_limit=self.max_limit,
+            max_read_bytes=self.max_read_bytes,
+            max_wait=self.max_wait,
+            max_long_polls=self.max_long_polls,
+            sweep_interval=self.sweep_interval,
+        )
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def parse_value(name: str, raw: str) -> Any:
+    """Parse ``raw`` as the type of setting ``name``."""
+    kind = {f.name: f.type for f in fields(Settings)}[name]
+    try:
+        if kind == "bool":
+            lowered = raw.strip().lower()
+            if lowered in _TRUE:
+                return True
+            if lowered in _FALSE:
+                return False
+            raise ValueError(raw)
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"{Settings.env_name(name)}={raw!r} is not a valid {kind}") from None
+    return raw

@@ -1,0 +1,146 @@
+"""Requests and responses over ASGI: the little the handlers need, with limits built in."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import parse_qsl
+
+import orjson
+
+from .asgi import Receive, Scope, Send
+from .problems import CONTENT_TYPE as PROBLEM_CONTENT_TYPE
+from .problems import HTTPProblem
+
+if TYPE_CHECKING:
+    from .app import BackchannelApp
+
+T = TypeVar("T")
+JSON = b"application/json"
+MAX_QUERY_PARAMS = 50
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: bytes | None = JSON
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+    async def send(self, send: Send) -> None:
+        headers = list(self.headers)
+        if self.content_type is not None:
+            headers.append((b"content-type", self.content_type))
+        headers.append((b"content-length", str(len(self.body)).encode()))
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        await send({"type": "http.response.body", "body": self.body})
+
+
+def json_response(
+    status: int, document: Any, headers: list[tuple[bytes, bytes]] | None = None
+) -> Response:
+    return Response(status, orjson.dumps(document), JSON, headers or [])
+
+
+def problem_response(problem: HTTPProblem, instance: str | None = None) -> Response:
+    return Response(
+        problem.type.status, problem.body(instance), PROBLEM_CONTENT_TYPE, list(problem.headers)
+    )
+
+
+class Request:
+    """One HTTP request: its route parameters, headers, query and (bounded) body."""
+
+    __slots__ = ("_headers", "_query", "app", "params", "path", "receive", "scope")
+
+    def __init__(
+        self, app: BackchannelApp, scope: Scope, receive: Receive, path: str, params: dict[str, str]
+    ) -> None:
+        self.app = app
+        self.scope = scope
+        self.receive = receive
+        self.path = path
+        self.params = params
+        self._headers: dict[bytes, bytes] | None = None
+        self._query: dict[str, str] | None = None
+
+    @property
+    def method(self) -> str:
+        method: str = self.scope["method"]
+        return method
+
+    def header(self, name: bytes) -> str | None:
+        """The header's value (latin-1), or ``None``; ``name`` is lowercase."""
+        if self._headers is None:
+            self._headers = {}
+            for key, value in self.scope["headers"]:
+                self._headers.setdefault(key.lower(), value)
+        value = self._headers.get(name)
+        return None if value is None else value.decode("latin-1")
+
+    def query(self) -> dict[str, str]:
+        """Query parameters; a parameter given twice is a ``invalid-parameter`` problem."""
+        if self._query is None:
+            raw = self.scope.get("query_string", b"").decode("latin-1")
+            pairs = parse_qsl(raw, keep_blank_values=True, max_num_fields=MAX_QUERY_PARAMS)
+            query: dict[str, str] = {}
+            for key, value in pairs:
+                if key in query:
+                    raise HTTPProblem("invalid-parameter", f"{key!r} is given more than once")
+                query[key] = value
+            self._query = query
+        return self._query
+
+    async def body(self, max_bytes: int) -> bytes:
+        """The whole body, or a ``message-too-large`` problem as soon as it passes ``max_bytes``."""
+        declared = self.header(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+            raise _too_large(max_bytes)
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > max_bytes:
+                raise _too_large(max_bytes)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def until_disconnected(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run ``work`` unless the client goes away first, in which case it is cancelled and
+        :class:`ClientDisconnected` raised. Call once the body has been read."""
+        task = asyncio.ensure_future(work)
+        watcher = asyncio.ensure_future(self._disconnected())
+        try:
+            done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+        if task not in done:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise ClientDisconnected
+        return task.result()
+
+    async def _disconnected(self) -> None:
+        while (await self.receive())["type"] != "http.disconnect":
+            pass
+
+
+class ClientDisconnected(Exception):
+    """The client went away; there is nobody to answer."""
+
+
+def _too_large(max_bytes: int) -> HTTPProblem:
+    return HTTPProblem(
+        "message-too-large",
+        f"the body is larger than {max_bytes} bytes, the server's max_message_bytes",
+        max_bytes=max_bytes,
+    )

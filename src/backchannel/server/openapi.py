@@ -1,0 +1,275 @@
+"""The OpenAPI 3.1 document of the HTTP API, built from the route table and the settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import __version__
+from .config import Settings
+from .problems import PROBLEM_TYPES
+from .routes import ROUTES
+
+ID_PATTERN = "^[0-9a-fA-F]{1,16}$"
+CHANNEL_PATTERN = "^[A-Za-z0-9_\\-.:@]{1,200}$"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _problems(*slugs: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for slug in slugs:
+        status = str(PROBLEM_TYPES[slug].status)
+        entry = out.setdefault(
+            status,
+            {
+                "description": "",
+                "content": {"application/problem+json": {"schema": _ref("Problem")}},
+            },
+        )
+        entry["description"] = ", ".join(filter(None, [entry["description"], slug]))
+    return out
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def build(settings: Settings) -> dict[str, Any]:
+    channel = {
+        "name": "channel",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": CHANNEL_PATTERN},
+    }
+    details: dict[tuple[str, str], dict[str, Any]] = {
+        ("POST", "/v1/channels/{channel}/messages"): {
+            "parameters": [
+                channel,
+                {
+                    "name": "Idempotency-Key",
+                    "in": "header",
+                    "required": False,
+                    "schema": {
+                        "type": "string",
+                        "minLength": 1,
+                        "maxLength": 255,
+                        "pattern": "^[!-~]+$",
+                    },
+                },
+            ],
+            "requestBody": {
+                "required": True,
+                "description": "The message, kept exactly as sent with its content type.",
+                "content": {
+                    "application/json": {"schema": {}},
+                    "text/plain": {"schema": {"type": "string"}},
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                },
+            },
+            "responses": {
+                "201": _json(
+                    _ref("Published"),
+                    "Stored; or the earlier result for a repeated "
+                    "Idempotency-Key (header Idempotent-Replayed: true)",
+                ),
+                **_problems(
+                    "invalid-channel",
+                    "malformed-json",
+                    "invalid-text",
+                    "invalid-idempotency-key",
+                    "message-too-large",
+                    "unsupported-media-type",
+                    "idempotency-key-reused",
+                    "unavailable",
+                ),
+            },
+        },
+        ("GET", "/v1/channels/{channel}/messages"): {
+            "parameters": [
+                channel,
+                {
+                    "name": "after",
+                    "in": "query",
+                    "required": False,
+                    "description": "Cursor: the id of the last message seen. Absent or 0: from the "
+                    "oldest retained message.",
+                    "schema": {"type": "string", "pattern": ID_PATTERN},
+                },
+                {
+                    "name": "limit",
+                    "in": "query",
+                    "required": False,
+                    "schema": {
+                        "type": "integer",
+                        "minimum": 1,
+                        "maximum": settings.max_limit,
+                        "default": settings.default_limit,
+                    },
+                },
+                {
+                    "name": "wait",
+                    "in": "query",
+                    "required": False,
+                    "description": "Long poll: seconds to wait for a first new message.",
+                    "schema": {
+                        "type": "number",
+                        "minimum": 0,
+                        "maximum": settings.max_wait,
+                        "default": 0,
+                    },
+                },
+            ],
+            "responses": {
+                "200": _json(_ref("Page"), "Messages after the cursor, oldest first"),
+                **_problems(
+                    "invalid-channel",
+                    "invalid-cursor",
+                    "invalid-parameter",
+                    "limit-out-of-range",
+                    "wait-out-of-range",
+                    "too-busy",
+                ),
+            },
+        },
+        ("GET", "/v1/channels/{channel}"): {
+            "parameters": [channel],
+            "responses": {
+                "200": _json(_ref("ChannelInfo"), "The channel (every valid name exists)"),
+                **_problems("invalid-channel"),
+            },
+        },
+        ("PUT", "/v1/channels/{channel}"): {
+            "parameters": [channel],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "properties": {
+                                "retention": {"oneOf": [{"type": "null"}, _ref("Retention")]}
+                            },
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "200": _json(_ref("ChannelInfo"), "The channel with its new policy"),
+                **_problems(
+                    "invalid-channel", "malformed-json", "invalid-retention", "message-too-large"
+                ),
+            },
+        },
+        ("GET", "/healthz"): {"responses": {"200": _json({"type": "object"}, "Alive")}},
+        ("GET", "/readyz"): {
+            "responses": {"200": _json({"type": "object"}, "Ready"), **_problems("unavailable")}
+        },
+        ("GET", "/openapi.json"): {
+            "responses": {"200": _json({"type": "object"}, "This document")}
+        },
+        ("GET", "/docs"): {
+            "responses": {
+                "200": {
+                    "description": "This document, or an HTML page when Accept asks for text/html",
+                    "content": {
+                        "application/json": {"schema": {"type": "object"}},
+                        "text/html": {"schema": {"type": "string"}},
+                    },
+                }
+            }
+        },
+        ("GET", "/problems/{slug}"): {
+            "parameters": [
+                {"name": "slug", "in": "path", "required": True, "schema": {"type": "string"}}
+            ],
+            "responses": {
+                "200": _json({"type": "object"}, "The problem type"),
+                **_problems("not-found"),
+            },
+        },
+    }
+    paths: dict[str, dict[str, Any]] = {}
+    for route in ROUTES:
+        operation = {"summary": route.summary, "operationId": route.endpoint.__name__}
+        operation.update(details[(route.method, route.path)])
+        paths.setdefault(route.path, {})[route.method.lower()] = operation
+
+    message = {
+        "type": "object",
+        "required": ["id", "channel", "time", "content_type", "encoding", "data"],
+        "properties": {
+            "id": {"type": "string", "pattern": ID_PATTERN},
+            "channel": {"type": "string"},
+            "time": {"type": "string", "format": "date-time"},
+            "content_type": {"type": "string"},
+            "encoding": {"enum": ["json", "text", "base64"]},
+            "data": {"description": "The JSON value, the text, or the bytes in base64"},
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "backchannel",
+            "version": __version__,
+            "description": "Channels on a durable log: publish, short poll, long poll.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": {
+                "Message": message,
+                "Page": {
+                    "type": "object",
+                    "required": ["messages", "next_after"],
+                    "properties": {
+                        "messages": {"type": "array", "items": _ref("Message")},
+                        "next_after": {"type": "string", "pattern": ID_PATTERN},
+                    },
+                },
+                "Published": {
+                    "type": "object",
+                    "required": ["id", "channel", "time"],
+                    "properties": {
+                        "id": {"type": "string", "pattern": ID_PATTERN},
+                        "channel": {"type": "string"},
+                        "time": {"type": "string", "format": "date-time"},
+                    },
+                },
+                "Retention": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "max_count": {"type": "integer", "minimum": 1},
+                        "max_age": {"type": "number", "minimum": 1, "maximum": 10 * 365 * 86400},
+                    },
+                },
+                "ChannelInfo": {
+                    "type": "object",
+                    "properties": {
+                        "channel": {"type": "string"},
+                        "last_id": {"type": "string", "pattern": ID_PATTERN},
+                        "first_id": {"type": ["string", "null"]},
+                        "retained": {"type": "integer"},
+                        "retention": _ref("Retention"),
+                        "subscribers": {
+                            "type": "object",
+                            "additionalProperties": {"type": "integer"},
+                        },
+                    },
+                },
+                "Problem": {
+                    "type": "object",
+                    "required": ["type", "title", "status"],
+                    "properties": {
+                        "type": {"type": "string"},
+                        "title": {"type": "string"},
+                        "status": {"type": "integer"},
+                        "detail": {"type": "string"},
+                        "instance": {"type": "string"},
+                    },
+                },
+            }
+        },
+    }

@@ -1,0 +1,158 @@
+"""Problem details (RFC 9457): every error the HTTP API returns, in one table.
+
+A problem's ``type`` is the relative URI ``/problems/{slug}``; the hub serves a description of
+each type at that path, so a ``type`` resolved against the hub's address is a working link.
+Slugs are stable: clients may branch on them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import orjson
+
+
+@dataclass(frozen=True, slots=True)
+class ProblemType:
+    slug: str
+    status: int
+    title: str
+    description: str
+
+    @property
+    def uri(self) -> str:
+        return f"/problems/{self.slug}"
+
+
+_TYPES = [
+    ProblemType(
+        "invalid-channel",
+        400,
+        "Invalid channel name",
+        "Channel names are 1 to 200 characters: ASCII letters, digits and _ - . : @",
+    ),
+    ProblemType(
+        "invalid-cursor",
+        400,
+        "Invalid cursor",
+        "`after` and `Last-Event-ID` take a message id: 1 to 16 hexadecimal digits.",
+    ),
+    ProblemType(
+        "invalid-parameter",
+        400,
+        "Invalid query parameter",
+        "A query parameter does not parse, or is given more than once.",
+    ),
+    ProblemType(
+        "limit-out-of-range",
+        400,
+        "Limit out of range",
+        "`limit` must be between 1 and the server's max_limit.",
+    ),
+    ProblemType(
+        "wait-out-of-range",
+        400,
+        "Wait out of range",
+        "`wait` must be between 0 and the server's max_wait seconds.",
+    ),
+    ProblemType(
+        "malformed-json",
+        400,
+        "Malformed JSON",
+        "The body was declared as JSON but does not parse as JSON.",
+    ),
+    ProblemType(
+        "invalid-text", 400, "Invalid text", "The body was declared as text but is not valid UTF-8."
+    ),
+    ProblemType(
+        "invalid-idempotency-key",
+        400,
+        "Invalid Idempotency-Key",
+        "An Idempotency-Key is 1 to 255 visible ASCII characters.",
+    ),
+    ProblemType(
+        "invalid-retention",
+        400,
+        "Invalid retention",
+        "A retention policy has max_count >= 1 and max_age >= 1 second.",
+    ),
+    ProblemType("not-found", 404, "Not found", "No route matches this path."),
+    ProblemType(
+        "method-not-allowed",
+        405,
+        "Method not allowed",
+        "The path exists but does not take this method; see the Allow header.",
+    ),
+    ProblemType(
+        "idempotency-key-reused",
+        422,
+        "Idempotency-Key reused",
+        "The key was used before, within its lifetime, for a different message on this "
+        "channel. A retry must send the same body and content type.",
+    ),
+    ProblemType(
+        "message-too-large",
+        413,
+        "Message too large",
+        "The body is larger than the server's max_message_bytes.",
+    ),
+    ProblemType(
+        "unsupported-media-type",
+        415,
+        "Unsupported media type",
+        "The Content-Type is malformed, or names a charset other than UTF-8 for a JSON "
+        "or text body.",
+    ),
+    ProblemType(
+        "too-busy",
+        503,
+        "Too busy",
+        "A concurrency limit (such as max_long_polls) is reached. Retry after the "
+        "number of seconds in Retry-After.",
+    ),
+    ProblemType(
+        "unavailable",
+        503,
+        "Unavailable",
+        "The hub is starting, shutting down, or cannot reach its store.",
+    ),
+    ProblemType(
+        "internal-error",
+        500,
+        "Internal error",
+        "A bug in the hub. The log has the details; please report it.",
+    ),
+]
+
+PROBLEM_TYPES: dict[str, ProblemType] = {t.slug: t for t in _TYPES}
+CONTENT_TYPE = b"application/problem+json"
+
+
+class HTTPProblem(Exception):
+    """Raised by handlers to answer with a problem document."""
+
+    def __init__(
+        self,
+        slug: str,
+        detail: str,
+        *,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        **extra: object,
+    ) -> None:
+        super().__init__(detail)
+        self.type = PROBLEM_TYPES[slug]
+        self.detail = detail
+        self.headers = headers or []
+        self.extra = extra
+
+    def body(self, instance: str | None = None) -> bytes:
+        doc: dict[str, object] = {
+            "type": self.type.uri,
+            "title": self.type.title,
+            "status": self.type.status,
+            "detail": self.detail,
+        }
+        if instance is not None:
+            doc["instance"] = instance
+        doc.update(self.extra)
+        return orjson.dumps(doc)

@@ -1,0 +1,35 @@
+"""Every route of the HTTP API, declared in one place: the hub's ServeMux."""
+
+from __future__ import annotations
+
+from . import channels, meta
+from .router import Route, ServeMux
+
+ROUTES = [
+    Route("POST", "/v1/channels/{channel}/messages", channels.publish, "Publish one message"),
+    Route(
+        "GET",
+        "/v1/channels/{channel}/messages",
+        channels.poll,
+        "Read messages after a cursor: short poll, or long poll with wait=",
+    ),
+    Route(
+        "GET",
+        "/v1/channels/{channel}",
+        channels.channel_info,
+        "Channel info: last id, retained count, retention, subscribers",
+    ),
+    Route(
+        "PUT",
+        "/v1/channels/{channel}",
+        channels.configure_channel,
+        "Set or clear the channel's own retention policy",
+    ),
+    Route("GET", "/healthz", meta.healthz, "Liveness: the process answers"),
+    Route("GET", "/readyz", meta.readyz, "Readiness: the store answers"),
+    Route("GET", "/openapi.json", meta.openapi, "This API as an OpenAPI 3.1 document"),
+    Route("GET", "/docs", meta.docs, "The OpenAPI document (HTML for browsers)"),
+    Route("GET", "/problems/{slug}", meta.problem_type, "What a problem type means"),
+]
+
+MUX = ServeMux(ROUTES)

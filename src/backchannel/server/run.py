@@ -1,0 +1,84 @@
+"""Process start-up: ``backchannel serve`` runs the app under uvicorn."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import socket
+import sys
+
+import uvicorn
+
+from .app import BackchannelApp
+from .config import Settings
+
+log = logging.getLogger("backchannel")
+
+GRACEFUL_SHUTDOWN_SECONDS = 5
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling the hub when shutdown starts so that long polls answer at
+    once instead of holding the process for up to their full wait."""
+
+    def __init__(self, config: uvicorn.Config, app: BackchannelApp, url: str) -> None:
+        super().__init__(config)
+        self._app = app
+        self._url = url
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if not self.should_exit:
+            # Tests and scripts wait for this line; keep its shape.
+            print(f"backchannel listening on {self._url}", flush=True)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self._app.hub.begin_shutdown()
+        await super().shutdown(sockets)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise SystemExit(f"backchannel: cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        app = BackchannelApp(settings)
+    except ValueError as exc:
+        raise SystemExit(f"backchannel: {exc}") from None
+    sock = _bind(settings.host, settings.port)
+    port = sock.getsockname()[1]
+    shown_host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    config = uvicorn.Config(
+        app,
+        lifespan="on",
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        server_header=False,
+        date_header=True,
+    )
+    server = _Server(config, app, f"http://{shown_host}:{port} (store: {settings.store_url})")
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()
+    if not server.started:
+        sys.exit(3)

@@ -1,0 +1,148 @@
+"""A store in process memory, for tests and throwaway hubs. Nothing survives a restart."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from ..core.channels import Retention
+from ..core.errors import IdempotencyKeyReused, Unavailable
+from ..core.messages import Appended, ChannelStats, Draft, Message
+from ..core.store import Listener
+from .base import DEFAULT_IDEMPOTENCY_TTL_MS, DEFAULT_RETENTION
+
+
+@dataclass
+class _Channel:
+    last_seq: int = 0
+    retention: Retention | None = None
+    # Retained messages form a contiguous run of sequence numbers, oldest first.
+    messages: list[Message] = field(default_factory=list)
+    keys: dict[str, tuple[Message, bytes, int]] = field(default_factory=dict)
+
+
+class MemoryStore:
+    def __init__(
+        self,
+        *,
+        retention: Retention = DEFAULT_RETENTION,
+        idempotency_ttl_ms: int = DEFAULT_IDEMPOTENCY_TTL_MS,
+    ) -> None:
+        self.default_retention = retention
+        self.idempotency_ttl_ms = idempotency_ttl_ms
+        self._channels: dict[str, _Channel] = {}
+        self._listeners: list[Listener] = []
+        self._open = False
+
+    async def open(self) -> None:
+        self._open = True
+
+    async def close(self) -> None:
+        self._open = False
+
+    async def ping(self) -> None:
+        self._check()
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def _check(self) -> None:
+        if not self._open:
+            raise Unavailable("the memory store is closed")
+
+    def _policy(self, state: _Channel | None) -> Retention:
+        if state is None or state.retention is None:
+            return self.default_retention
+        return state.retention
+
+    async def append(self, channel: str, draft: Draft, *, now_ms: int) -> Appended:
+        self._check()
+        state = self._channels.setdefault(channel, _Channel())
+        key = draft.idempotency_key
+        if key is not None:
+            earlier = state.keys.get(key)
+            if earlier is not None and earlier[2] > now_ms:
+                message, digest, _ = earlier
+                if digest != draft.digest:
+                    raise IdempotencyKeyReused(
+                        f"Idempotency-Key {key!r} was used for a different message"
+                    )
+                return Appended(message, replayed=True)
+        last_time = state.messages[-1].time_ms if state.messages else 0
+        state.last_seq += 1
+        message = Message(
+            channel=channel,
+            seq=state.last_seq,
+            time_ms=max(now_ms, last_time),
+            content_type=draft.content_type,
+            data=draft.data,
+        )
+        state.messages.append(message)
+        excess = len(state.messages) - self._policy(state).max_count
+        if excess > 0:
+            del state.messages[:excess]
+        if key is not None:
+            state.keys[key] = (message, draft.digest, now_ms + self.idempotency_ttl_ms)
+        loop = asyncio.get_running_loop()
+        for listener in self._listeners:
+            loop.call_soon(listener, channel, state.last_seq)
+        return Appended(message)
+
+    def _live(self, state: _Channel, now_ms: int) -> list[Message]:
+        oldest = now_ms - self._policy(state).max_age_ms
+        messages = state.messages
+        skip = 0
+        while skip < len(messages) and messages[skip].time_ms < oldest:
+            skip += 1
+        return messages[skip:]
+
+    async def read(
+        self, channel: str, *, after: int, limit: int, max_bytes: int, now_ms: int
+    ) -> list[Message]:
+        self._check()
+        state = self._channels.get(channel)
+        if state is None:
+            return []
+        live = self._live(state, now_ms)
+        if not live:
+            return []
+        start = max(0, after + 1 - live[0].seq)
+        out: list[Message] = []
+        size = 0
+        for message in live[start : start + limit]:
+            size += len(message.data)
+            if out and size > max_bytes:
+                break
+            out.append(message)
+        return out
+
+    async def stats(self, channel: str, *, now_ms: int) -> ChannelStats:
+        self._check()
+        state = self._channels.get(channel)
+        if state is None:
+            return ChannelStats(last_seq=0, first_seq=1, retained=0)
+        live = self._live(state, now_ms)
+        first = live[0].seq if live else state.last_seq + 1
+        return ChannelStats(last_seq=state.last_seq, first_seq=first, retained=len(live))
+
+    async def get_retention(self, channel: str) -> Retention:
+        self._check()
+        return self._policy(self._channels.get(channel))
+
+    async def set_retention(self, channel: str, retention: Retention | None) -> None:
+        self._check()
+        state = self._channels.setdefault(channel, _Channel())
+        state.retention = retention
+        excess = len(state.messages) - self._policy(state).max_count
+        if excess > 0:
+            del state.messages[:excess]
+
+    async def trim(self, *, now_ms: int) -> int:
+        self._check()
+        removed = 0
+        for state in self._channels.values():
+            live = self._live(state, now_ms)
+            removed += len(state.messages) - len(live)
+            state.messages = live
+            state.keys = {k: v for k, v in state.keys.items() if v[2] > now_ms}
+        return removed

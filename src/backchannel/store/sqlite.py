@@ -1,0 +1,481 @@
+"""The embedded store: one SQLite file in WAL mode, written by one thread with group commit.
+
+Writes (appends, retention changes, trims) go to a single writer thread through a queue. The
+thread takes everything queued, applies it in one transaction and commits once, so many
+concurrent publishes share one commit. Only then are the callers' futures resolved: a publish
+is acknowledged after its transaction is in the WAL file. With ``synchronous=normal`` (the
+default) that survives a crash or ``kill -9`` of the process; ``synchronous=full`` also
+fsyncs each commit, which survives a power loss, at the cost of one fsync per batch.
+
+Reads run on a small pool of threads, each with its own connection. WAL lets them read the
+last commit while the writer writes.
+
+The writer keeps each channel's id, last sequence number and last time in memory, which is
+only right while it is the only writer: :meth:`SQLiteStore.open` takes an exclusive lock on
+``<file>.lock`` and refuses to open a database another process has open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ..core.channels import Retention
+from ..core.errors import BackchannelError, IdempotencyKeyReused, Unavailable
+from ..core.messages import Appended, ChannelStats, Draft, Message
+from ..core.store import Listener
+from .base import DEFAULT_IDEMPOTENCY_TTL_MS, DEFAULT_RETENTION
+
+log = logging.getLogger("backchannel.store.sqlite")
+
+SCHEMA_VERSION = 1
+MAX_BATCH = 1024
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS channels (
+    id           INTEGER PRIMARY KEY,
+    name         TEXT    NOT NULL UNIQUE,
+    last_seq     INTEGER NOT NULL DEFAULT 0,
+    last_time_ms INTEGER NOT NULL DEFAULT 0,
+    max_count    INTEGER,
+    max_age_ms   INTEGER
+);
+CREATE TABLE IF NOT EXISTS messages (
+    channel_id   INTEGER NOT NULL,
+    seq          INTEGER NOT NULL,
+    time_ms      INTEGER NOT NULL,
+    content_type TEXT    NOT NULL,
+    data         BLOB    NOT NULL,
+    PRIMARY KEY (channel_id, seq)
+);
+CREATE TABLE IF NOT EXISTS idempotency (
+    channel_id   INTEGER NOT NULL,
+    key          TEXT    NOT NULL,
+    seq          INTEGER NOT NULL,
+    time_ms      INTEGER NOT NULL,
+    digest       BLOB    NOT NULL,
+    expires_ms   INTEGER NOT NULL,
+    PRIMARY KEY (channel_id, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS idempotency_expiry ON idempotency (expires_ms);
+"""
+
+_READ = """
+SELECT m.seq, m.time_ms, m.content_type, m.data
+FROM channels AS c JOIN messages AS m ON m.channel_id = c.id
+WHERE c.name = ? AND m.seq > ? AND m.time_ms >= ? - COALESCE(c.max_age_ms, ?)
+ORDER BY m.seq
+LIMIT ?
+"""
+
+_STATS = """
+SELECT c.last_seq, count(m.seq), min(m.seq)
+FROM channels AS c LEFT JOIN messages AS m
+  ON m.channel_id = c.id AND m.time_ms >= ? - COALESCE(c.max_age_ms, ?)
+WHERE c.name = ?
+GROUP BY c.id
+"""
+
+
+class StoreLocked(Unavailable):
+    pass
+
+
+@dataclass
+class _ChannelRow:
+    id: int
+    last_seq: int
+    last_time_ms: int
+    max_count: int | None
+    max_age_ms: int | None
+
+
+@dataclass
+class _Op:
+    fn: Callable[[sqlite3.Connection], Any]
+    future: asyncio.Future[Any]
+
+
+def _connect(path: str, synchronous: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout = 5000")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute(f"PRAGMA synchronous = {synchronous}")
+    return conn
+
+
+class SQLiteStore:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        retention: Retention = DEFAULT_RETENTION,
+        idempotency_ttl_ms: int = DEFAULT_IDEMPOTENCY_TTL_MS,
+        synchronous: Literal["normal", "full"] = "normal",
+        readers: int = 4,
+    ) -> None:
+        if synchronous not in ("normal", "full"):
+            raise ValueError("synchronous must be 'normal' or 'full'")
+        self.path = os.fspath(path)
+        self.default_retention = retention
+        self.idempotency_ttl_ms = idempotency_ttl_ms
+        self.synchronous = synchronous
+        self._readers = readers
+        self._listeners: list[Listener] = []
+        self._ops: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._local = threading.local()
+        self._reader_conns: list[sqlite3.Connection] = []
+        self._reader_lock = threading.Lock()
+        self._lock_fd: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Owned by the writer thread only: the channel cache, and the channels the batch being
+        # applied has changed.
+        self._channels: dict[str, _ChannelRow] = {}
+        self._touched: dict[str, _ChannelRow] = {}
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._writer is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        conn = await asyncio.to_thread(self._prepare)
+        self._channels = {}
+        self._writer = threading.Thread(
+            target=self._write_forever, args=(conn,), name="backchannel-sqlite-writer", daemon=True
+        )
+        self._writer.start()
+        self._executor = ThreadPoolExecutor(
+            self._readers, thread_name_prefix="backchannel-sqlite-read"
+        )
+
+    def _take_lock(self) -> None:
+        fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise StoreLocked(
+                f"{self.path} is in use by {holder}: one hub process per SQLite file "
+                "(use the Redis store to run several)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _prepare(self) -> sqlite3.Connection:
+        """Create the folder, take the lock, open the writer's connection and the schema."""
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        self._take_lock()
+        try:
+            conn = _connect(self.path, self.synchronous)
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                conn.close()
+                raise Unavailable(
+                    f"{self.path} was written by a newer backchannel (schema {version}); upgrade"
+                )
+            conn.executescript(_SCHEMA)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except BaseException:
+            self._release_lock()
+            raise
+        return conn
+
+    async def close(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        self._ops.put(None)
+        await asyncio.to_thread(writer.join)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        with self._reader_lock:
+            for conn in self._reader_conns:
+                conn.close()
+            self._reader_conns.clear()
+        self._local = threading.local()
+        self._release_lock()
+
+    async def ping(self) -> None:
+        if self._writer is None or not self._writer.is_alive():
+            raise Unavailable("the SQLite writer is not running")
+        await self._read(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    # -- the writer thread --------------------------------------------------------------------
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        if self._writer is None or self._loop is None:
+            raise Unavailable("the SQLite store is closed")
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self._ops.put(_Op(fn, future))
+        return await future
+
+    def _write_forever(self, conn: sqlite3.Connection) -> None:
+        try:
+            while True:
+                first = self._ops.get()
+                if first is None:
+                    break
+                batch = [first]
+                stop = False
+                while len(batch) < MAX_BATCH:
+                    try:
+                        op = self._ops.get_nowait()
+                    except queue.Empty:
+                        break
+                    if op is None:
+                        stop = True
+                        break
+                    batch.append(op)
+                self._run_batch(conn, batch)
+                if stop:
+                    break
+        finally:
+            conn.close()
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
+        outcomes: list[tuple[_Op, Any, BaseException | None]] = []
+        touched: dict[str, _ChannelRow] = {}
+        self._touched = touched
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op in batch:
+                try:
+                    outcomes.append((op, op.fn(conn), None))
+                except BackchannelError as exc:  # refused, nothing written for this op
+                    outcomes.append((op, None, exc))
+            for row in touched.values():
+                conn.execute(
+                    "UPDATE channels SET last_seq = ?, last_time_ms = ? WHERE id = ?",
+                    (row.last_seq, row.last_time_ms, row.id),
+                )
+                max_count = row.max_count or self.default_retention.max_count
+                conn.execute(
+                    "DELETE FROM messages WHERE channel_id = ? AND seq <= ?",
+                    (row.id, row.last_seq - max_count),
+                )
+            conn.execute("COMMIT")
+        except Exception as exc:
+            log.exception("SQLite transaction failed; %d operations refused", len(batch))
+            if conn.in_transaction:
+                conn.rollback()
+            self._channels.clear()  # the cache ran ahead of the database: reload it
+            failure = Unavailable(f"the store could not write: {exc}")
+            outcomes = [(op, None, failure) for op in batch]
+            touched = {}
+        assert self._loop is not None
+        notify = [(name, row.last_seq) for name, row in touched.items()]
+        self._loop.call_soon_threadsafe(self._deliver, outcomes, notify)
+
+    def _deliver(
+        self, outcomes: list[tuple[_Op, Any, BaseException | None]], notify: list[tuple[str, int]]
+    ) -> None:
+        for op, result, error in outcomes:
+            if op.future.done():
+                continue
+            if error is None:
+                op.future.set_result(result)
+            else:
+                op.future.set_exception(error)
+        for channel, last_seq in notify:
+            for listener in self._listeners:
+                listener(channel, last_seq)
+
+    def _channel(self, conn: sqlite3.Connection, name: str) -> _ChannelRow:
+        row = self._channels.get(name)
+        if row is not None:
+            return row
+        found = conn.execute(
+            "SELECT id, last_seq, last_time_ms, max_count, max_age_ms FROM channels WHERE name = ?",
+            (name,),
+        ).fetchone()
+        if found is None:
+            cursor = conn.execute("INSERT INTO channels (name) VALUES (?)", (name,))
+            assert cursor.lastrowid is not None
+            found = (cursor.lastrowid, 0, 0, None, None)
+        row = _ChannelRow(*found)
+        self._channels[name] = row
+        return row
+
+    # -- writes -------------------------------------------------------------------------------
+
+    async def append(self, channel: str, draft: Draft, *, now_ms: int) -> Appended:
+        def run(conn: sqlite3.Connection) -> Appended:
+            row = self._channel(conn, channel)
+            key = draft.idempotency_key
+            if key is not None:
+                earlier = conn.execute(
+                    "SELECT seq, time_ms, digest FROM idempotency "
+                    "WHERE channel_id = ? AND key = ? AND expires_ms > ?",
+                    (row.id, key, now_ms),
+                ).fetchone()
+                if earlier is not None:
+                    if earlier[2] != draft.digest:
+                        raise IdempotencyKeyReused(
+                            f"Idempotency-Key {key!r} was used for a different message"
+                        )
+                    message = Message(
+                        channel=channel,
+                        seq=earlier[0],
+                        time_ms=earlier[1],
+                        content_type=draft.content_type,
+                        data=draft.data,
+                    )
+                    return Appended(message, replayed=True)
+            seq = row.last_seq + 1
+            time_ms = max(now_ms, row.last_time_ms)
+            conn.execute(
+                "INSERT INTO messages (channel_id, seq, time_ms, content_type, data) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (row.id, seq, time_ms, draft.content_type, draft.data),
+            )
+            if key is not None:
+                conn.execute(
+                    "INSERT OR REPLACE INTO idempotency "
+                    "(channel_id, key, seq, time_ms, digest, expires_ms) VALUES (?, ?, ?, ?, ?, ?)",
+                    (row.id, key, seq, time_ms, draft.digest, now_ms + self.idempotency_ttl_ms),
+                )
+            row.last_seq = seq
+            row.last_time_ms = time_ms
+            self._touched[channel] = row
+            return Appended(
+                Message(
+                    channel=channel,
+                    seq=seq,
+                    time_ms=time_ms,
+                    content_type=draft.content_type,
+                    data=draft.data,
+                )
+            )
+
+        result: Appended = await self._write(run)
+        return result
+
+    async def set_retention(self, channel: str, retention: Retention | None) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            row = self._channel(conn, channel)
+            row.max_count = retention.max_count if retention else None
+            row.max_age_ms = retention.max_age_ms if retention else None
+            conn.execute(
+                "UPDATE channels SET max_count = ?, max_age_ms = ? WHERE id = ?",
+                (row.max_count, row.max_age_ms, row.id),
+            )
+            self._touched[channel] = row  # trims to the new max_count in this transaction
+
+        await self._write(run)
+
+    async def trim(self, *, now_ms: int) -> int:
+        default_age = self.default_retention.max_age_ms
+
+        def run(conn: sqlite3.Connection) -> int:
+            removed = 0
+            channels = conn.execute("SELECT id, max_age_ms FROM channels").fetchall()
+            for channel_id, max_age_ms in channels:
+                cursor = conn.execute(
+                    "DELETE FROM messages WHERE channel_id = ? AND time_ms < ?",
+                    (channel_id, now_ms - (max_age_ms or default_age)),
+                )
+                removed += cursor.rowcount
+            conn.execute("DELETE FROM idempotency WHERE expires_ms <= ?", (now_ms,))
+            return removed
+
+        removed: int = await self._write(run)
+        return removed
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = _connect(self.path, self.synchronous)
+            conn.execute("PRAGMA query_only = 1")
+            self._local.conn = conn
+            with self._reader_lock:
+                self._reader_conns.append(conn)
+        return conn
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        executor = self._executor
+        if executor is None or self._loop is None:
+            raise Unavailable("the SQLite store is closed")
+        return await self._loop.run_in_executor(executor, lambda: fn(self._reader()))
+
+    async def read(
+        self, channel: str, *, after: int, limit: int, max_bytes: int, now_ms: int
+    ) -> list[Message]:
+        default_age = self.default_retention.max_age_ms
+
+        def run(conn: sqlite3.Connection) -> list[Message]:
+            out: list[Message] = []
+            size = 0
+            for seq, time_ms, content_type, data in conn.execute(
+                _READ, (channel, after, now_ms, default_age, limit)
+            ):
+                size += len(data)
+                if out and size > max_bytes:
+                    break
+                out.append(
+                    Message(
+                        channel=channel,
+                        seq=seq,
+                        time_ms=time_ms,
+                        content_type=content_type,
+                        data=bytes(data),
+                    )
+                )
+            return out
+
+        result: list[Message] = await self._read(run)
+        return result
+
+    async def stats(self, channel: str, *, now_ms: int) -> ChannelStats:
+        default_age = self.default_retention.max_age_ms
+
+        def run(conn: sqlite3.Connection) -> ChannelStats:
+            found = conn.execute(_STATS, (now_ms, default_age, channel)).fetchone()
+            if found is None:
+                return ChannelStats(last_seq=0, first_seq=1, retained=0)
+            last_seq, retained, first_seq = found
+            first = first_seq if retained else last_seq + 1
+            return ChannelStats(last_seq=last_seq, first_seq=first, retained=retained)
+
+        result: ChannelStats = await self._read(run)
+        return result
+
+    async def get_retention(self, channel: str) -> Retention:
+        def run(conn: sqlite3.Connection) -> tuple[int | None, int | None] | None:
+            found: tuple[int | None, int | None] | None = conn.execute(
+                "SELECT max_count, max_age_ms FROM channels WHERE name = ?", (channel,)
+            ).fetchone()
+            return found
+
+        found = await self._read(run)
+        if found is None:
+            return self.default_retention
+        max_count, max_age_ms = found
+        return Retention(
+            max_count=max_count or self.default_retention.max_count,
+            max_age_ms=max_age_ms or self.default_retention.max_age_ms,
+        )
