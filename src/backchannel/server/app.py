@@ -60,13 +60,16 @@ class BackchannelApp:
         self.hub = Hub(store, limits=self.settings.limits, clock=clock)
         self.openapi_json = orjson.dumps(openapi.build(self.settings))
         self._start_lock = asyncio.Lock()
+        self._stopped = False  # after shutdown(), requests get 503 instead of a lazy restart
 
     async def startup(self) -> None:
         async with self._start_lock:
+            self._stopped = False
             if not self.hub.started:
                 await self.hub.start()
 
     async def shutdown(self) -> None:
+        self._stopped = True
         await self.hub.stop()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -125,7 +128,7 @@ class BackchannelApp:
                     headers=[(b"allow", allow)],
                 )
             raise HTTPProblem("not-found", f"no route for {path[:200]}")
-        if not self.hub.started:
+        if not self.hub.started and not self._stopped:
             await self.startup()
         request = Request(self, scope, receive, path, found.params)
         return await found.route.endpoint(request)
