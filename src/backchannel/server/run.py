@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import signal
 import socket
 import sys
 
@@ -74,6 +75,9 @@ def serve(settings: Settings) -> None:
         date_header=True,
     )
     server = _Server(config, app, f"http://{shown_host}:{port} (store: {settings.store_url})")
+    # uvicorn re-raises the signal that stopped it once shutdown is done, with the handler that
+    # was in place before it started; a no-op handler makes a graceful SIGTERM exit with 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:
