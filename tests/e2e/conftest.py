@@ -1,0 +1,104 @@
+"""A real ``backchannel serve`` process on an ephemeral port, for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+LISTENING = re.compile(r"backchannel listening on (http://\S+)")
+START_TIMEOUT = 30.0
+
+
+class HubProcess:
+    """One hub process. ``start()`` returns once it prints that it listens."""
+
+    def __init__(self, data_dir: Path, log_dir: Path, *args: str) -> None:
+        self.data_dir = data_dir
+        self.log_dir = log_dir
+        self.args = args
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+        self.starts = 0
+
+    def start(self, *extra: str) -> HubProcess:
+        self.starts += 1
+        name = f"hub-{id(self):x}-{self.starts}"
+        self.out_path = self.log_dir / f"{name}.out"
+        self.err_path = self.log_dir / f"{name}.err"
+        command = [
+            sys.executable,
+            "-m",
+            "backchannel",
+            "serve",
+            "--port",
+            "0",
+            "--data-dir",
+            str(self.data_dir),
+            "--log-level",
+            "warning",
+            *self.args,
+            *extra,
+        ]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BACKCHANNEL_")}
+        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
+            self.proc = subprocess.Popen(command, stdout=out, stderr=err, env=env)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            found = LISTENING.search(self.out_path.read_text())
+            if found:
+                self.url = found.group(1)
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"hub exited with {self.proc.returncode}: {self.stderr()}")
+            time.sleep(0.02)
+        raise RuntimeError(f"hub did not start in {START_TIMEOUT} s: {self.stderr()}")
+
+    def stderr(self) -> str:
+        return self.err_path.read_text(errors="replace")[-4000:]
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def terminate(self, timeout: float = 10) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def client(self, **kwargs: object) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def hub_factory(tmp_path: Path) -> Iterator[type[HubProcess]]:
+    started: list[HubProcess] = []
+
+    class Factory(HubProcess):
+        def __init__(self, *args: str, data_dir: Path | None = None) -> None:
+            super().__init__(data_dir or tmp_path / "data", tmp_path, *args)
+            started.append(self)
+
+    yield Factory
+    for hub in started:
+        hub.stop()
+
+
+@pytest.fixture
+def hub(hub_factory: type[HubProcess]) -> HubProcess:
+    return hub_factory().start()

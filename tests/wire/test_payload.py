@@ -1,0 +1,125 @@
+import base64
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from backchannel.wire import Encoding, InvalidPayload, encoding_for, validate_payload
+from backchannel.wire.jsonfmt import encode_message, encode_page, format_time
+from backchannel.wire.payload import normalize_content_type
+
+
+@pytest.mark.parametrize(
+    ("content_type", "encoding"),
+    [
+        ("application/json", Encoding.JSON),
+        ("Application/JSON; charset=utf-8", Encoding.JSON),
+        ("application/problem+json", Encoding.JSON),
+        ("text/plain", Encoding.TEXT),
+        ("text/html; charset=UTF-8", Encoding.TEXT),
+        ("application/x-www-form-urlencoded", Encoding.TEXT),
+        ("application/octet-stream", Encoding.BASE64),
+        ("image/png", Encoding.BASE64),
+        ("application/jsonl", Encoding.BASE64),
+    ],
+)
+def test_encoding_follows_content_type(content_type: str, encoding: Encoding) -> None:
+    assert encoding_for(content_type) is encoding
+
+
+def test_missing_content_type_is_bytes() -> None:
+    assert normalize_content_type(None) == "application/octet-stream"
+    assert normalize_content_type("  ") == "application/octet-stream"
+
+
+@pytest.mark.parametrize("bad", ["nonsense", "a/b/c", "text/plain\x00", "x" * 300, "te xt/plain"])
+def test_malformed_content_types_are_refused(bad: str) -> None:
+    with pytest.raises(InvalidPayload) as info:
+        normalize_content_type(bad)
+    assert info.value.kind == "unsupported-media-type"
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "kind"),
+    [
+        ("application/json", b"{", "malformed-json"),
+        ("application/json", b"", "malformed-json"),
+        ("application/json", b"NaN", "malformed-json"),
+        ("application/json", b'"\xff"', "malformed-json"),
+        ("application/json; charset=latin-1", b"1", "unsupported-media-type"),
+        ("text/plain", b"\xff\xfe", "invalid-text"),
+        ("text/plain; charset=iso-8859-1", b"abc", "unsupported-media-type"),
+    ],
+)
+def test_bodies_that_do_not_match_their_type_are_refused(
+    content_type: str, body: bytes, kind: str
+) -> None:
+    with pytest.raises(InvalidPayload) as info:
+        validate_payload(content_type, body)
+    assert info.value.kind == kind
+
+
+def test_json_beyond_64_bit_integers_is_accepted() -> None:
+    assert validate_payload("application/json", b"123456789012345678901234567890") is Encoding.JSON
+
+
+def decode(content_type: str, data: bytes) -> object:
+    document = orjson.loads(encode_message("ch", 7, 0, content_type, data))
+    assert document["id"] == "0000000000000007"
+    assert document["channel"] == "ch"
+    assert document["content_type"] == content_type
+    return document
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=10,
+)
+
+
+@given(json_values)
+def test_json_messages_embed_the_value(value: object) -> None:
+    data = orjson.dumps(value, option=orjson.OPT_INDENT_2)
+    document = decode("application/json", data)
+    assert document["encoding"] == "json"  # type: ignore[index]
+    assert document["data"] == value  # type: ignore[index]
+
+
+def test_json_messages_keep_their_exact_bytes() -> None:
+    data = b'{"b": 1,   "a": [1.50, 2]}'
+    encoded = encode_message("ch", 1, 0, "application/json", data)
+    assert data in encoded
+
+
+@given(st.text())
+def test_text_messages_round_trip(text: str) -> None:
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates are not UTF-8 and cannot be published as text
+        return
+    document = decode("text/plain", data)
+    assert document["encoding"] == "text"  # type: ignore[index]
+    assert document["data"] == text  # type: ignore[index]
+
+
+@given(st.binary())
+def test_bytes_round_trip_through_base64(data: bytes) -> None:
+    document = decode("application/octet-stream", data)
+    assert document["encoding"] == "base64"  # type: ignore[index]
+    assert base64.b64decode(document["data"]) == data  # type: ignore[index]
+
+
+def test_time_is_rfc3339_utc_with_milliseconds() -> None:
+    assert format_time(1_800_000_000_123) == "2027-01-15T08:00:00.123Z"
+    assert format_time(0) == "1970-01-01T00:00:00.000Z"
+
+
+def test_page_joins_encoded_messages() -> None:
+    one = encode_message("c", 1, 0, "text/plain", b"a")
+    two = encode_message("c", 2, 0, "text/plain", b"b")
+    page = orjson.loads(encode_page([one, two], "0000000000000002"))
+    assert [m["data"] for m in page["messages"]] == ["a", "b"]
+    assert page["next_after"] == "0000000000000002"
+    assert orjson.loads(encode_page([], "0")) == {"messages": [], "next_after": "0"}
