@@ -23,7 +23,21 @@ def test_short_and_uppercase_forms_are_accepted() -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["", "g", "-1", "0x10", " 1", "1 ", "12345678901234567", "\u0661", "1_0", "+1"]
+    "text",
+    [
+        "",
+        "g",
+        "-1",
+        "8000000000000000",
+        "ffffffffffffffff",
+        "0x10",
+        " 1",
+        "1 ",
+        "12345678901234567",
+        "\u0661",
+        "1_0",
+        "+1",
+    ],
 )
 def test_malformed_cursors_are_refused(text: str) -> None:
     with pytest.raises(InvalidCursor):

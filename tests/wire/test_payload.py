@@ -60,6 +60,12 @@ def test_bodies_that_do_not_match_their_type_are_refused(
     assert info.value.kind == kind
 
 
+def test_json_nested_beyond_the_parser_depth_is_refused() -> None:
+    with pytest.raises(InvalidPayload) as info:
+        validate_payload("application/json", b"[" * 5000 + b"]" * 5000)
+    assert info.value.kind == "malformed-json"
+
+
 def test_json_beyond_64_bit_integers_is_accepted() -> None:
     assert validate_payload("application/json", b"123456789012345678901234567890") is Encoding.JSON
 

@@ -30,13 +30,14 @@ class Response:
     content_type: bytes | None = JSON
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
-    async def send(self, send: Send) -> None:
+    async def send(self, send: Send, *, head: bool = False) -> None:
+        """Send the response; for a HEAD request, everything but the body."""
         headers = list(self.headers)
         if self.content_type is not None:
             headers.append((b"content-type", self.content_type))
         headers.append((b"content-length", str(len(self.body)).encode()))
         await send({"type": "http.response.start", "status": self.status, "headers": headers})
-        await send({"type": "http.response.body", "body": self.body})
+        await send({"type": "http.response.body", "body": b"" if head else self.body})
 
 
 def json_response(
@@ -45,9 +46,14 @@ def json_response(
     return Response(status, orjson.dumps(document), JSON, headers or [])
 
 
-def problem_response(problem: HTTPProblem, instance: str | None = None) -> Response:
+def problem_response(problem: HTTPProblem, instance: str, root_path: str = "") -> Response:
+    """The problem as a response. ``root_path`` (where the app is mounted) prefixes the type
+    URI and the instance, so both resolve against the host."""
     return Response(
-        problem.type.status, problem.body(instance), PROBLEM_CONTENT_TYPE, list(problem.headers)
+        problem.type.status,
+        problem.body(root_path + instance, root_path),
+        PROBLEM_CONTENT_TYPE,
+        list(problem.headers),
     )
 
 
@@ -85,7 +91,12 @@ class Request:
         """Query parameters; a parameter given twice is a ``invalid-parameter`` problem."""
         if self._query is None:
             raw = self.scope.get("query_string", b"").decode("latin-1")
-            pairs = parse_qsl(raw, keep_blank_values=True, max_num_fields=MAX_QUERY_PARAMS)
+            try:
+                pairs = parse_qsl(raw, keep_blank_values=True, max_num_fields=MAX_QUERY_PARAMS)
+            except ValueError:
+                raise HTTPProblem(
+                    "invalid-parameter", f"more than {MAX_QUERY_PARAMS} query parameters"
+                ) from None
             query: dict[str, str] = {}
             for key, value in pairs:
                 if key in query:
@@ -94,11 +105,12 @@ class Request:
             self._query = query
         return self._query
 
-    async def body(self, max_bytes: int) -> bytes:
-        """The whole body, or a ``message-too-large`` problem as soon as it passes ``max_bytes``."""
+    async def body(self, max_bytes: int, limit_name: str = "max_message_bytes") -> bytes:
+        """The whole body, or a ``message-too-large`` problem as soon as it passes ``max_bytes``
+        (``limit_name`` says which limit that is)."""
         declared = self.header(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-            raise _too_large(max_bytes)
+            raise _too_large(max_bytes, limit_name)
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -108,7 +120,7 @@ class Request:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > max_bytes:
-                raise _too_large(max_bytes)
+                raise _too_large(max_bytes, limit_name)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
@@ -138,9 +150,9 @@ class ClientDisconnected(Exception):
     """The client went away; there is nobody to answer."""
 
 
-def _too_large(max_bytes: int) -> HTTPProblem:
+def _too_large(max_bytes: int, limit_name: str) -> HTTPProblem:
     return HTTPProblem(
         "message-too-large",
-        f"the body is larger than {max_bytes} bytes, the server's max_message_bytes",
+        f"the body is larger than {max_bytes} bytes ({limit_name})",
         max_bytes=max_bytes,
     )

@@ -1,7 +1,8 @@
 """Message ids and cursors.
 
 A message id is the message's sequence number within its channel, written as 16 lowercase
-hexadecimal digits, so that ids sort in publish order as plain strings. Clients treat ids as
+hexadecimal digits, so that ids sort in publish order as plain strings. Sequence numbers stop
+at 2**63 - 1, the largest integer SQLite (and Redis) store natively. Clients treat ids as
 opaque: they keep the id of the last message they saw (their cursor) and hand it back in
 ``after=``.
 
@@ -10,7 +11,7 @@ of the channel) is easy to type; everything else raises :class:`InvalidCursor`.
 """
 
 ID_WIDTH = 16
-MAX_SEQ = (1 << 64) - 1
+MAX_SEQ = (1 << 63) - 1
 _HEX = frozenset("0123456789abcdefABCDEF")
 
 #: The cursor that comes before every message of a channel.
@@ -34,4 +35,7 @@ def parse_id(text: str) -> int:
         raise InvalidCursor(
             f"{text[:40]!r} is not a message id: expected 1 to {ID_WIDTH} hexadecimal digits"
         )
-    return int(text, 16)
+    seq = int(text, 16)
+    if seq > MAX_SEQ:
+        raise InvalidCursor(f"{text!r} is beyond the largest message id, {MAX_SEQ:016x}")
+    return seq

@@ -95,7 +95,7 @@ def _check_json(data: bytes) -> None:
     # strictly (UTF-8 only, no NaN or Infinity), before refusing.
     try:
         json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise InvalidPayload("malformed-json", f"the body is not valid JSON: {reason}") from None
 
 
