@@ -126,6 +126,8 @@ async def test_channel_info_and_retention(client: httpx.AsyncClient) -> None:
     assert changed.status_code == 200
     assert changed.json()["retention"] == {"max_count": 2, "max_age": 86400.0}
     assert changed.json()["retained"] == 2
+    aged = await client.put("/v1/channels/news", json={"retention": {"max_age": 60}})
+    assert aged.json()["retention"] == {"max_count": 10000, "max_age": 60.0}
     cleared = await client.put("/v1/channels/news", json={"retention": None})
     assert cleared.json()["retention"]["max_count"] == 10000
 
@@ -211,6 +213,29 @@ async def test_subscribers_by_transport(client: httpx.AsyncClient) -> None:
         (
             "PUT",
             "/v1/channels/news",
+            {"json": {"retention": {"max_count": 2**63}}},
+            400,
+            "invalid-retention",
+        ),
+        (
+            "PUT",
+            "/v1/channels/news",
+            {"json": {"retention": {"max_age": 1e300}}},
+            400,
+            "invalid-retention",
+        ),
+        ("PUT", "/v1/channels/news", {"json": {}}, 400, "invalid-retention"),
+        ("GET", MESSAGES + "?after=8000000000000000", {}, 400, "invalid-cursor"),
+        (
+            "GET",
+            MESSAGES + "?" + "&".join(f"p{i}=1" for i in range(51)),
+            {},
+            400,
+            "invalid-parameter",
+        ),
+        (
+            "PUT",
+            "/v1/channels/news",
             {"json": {"retention": {"colour": 1}}},
             400,
             "invalid-retention",
@@ -236,7 +261,17 @@ async def test_bad_requests_get_problem_documents(
 
 async def test_method_not_allowed_names_the_allowed_methods(client: httpx.AsyncClient) -> None:
     response = await client.delete(MESSAGES)
-    assert response.headers["allow"] == "POST, GET"
+    assert response.headers["allow"] == "POST, GET, HEAD"
+
+
+async def test_head_answers_like_get_without_a_body(client: httpx.AsyncClient) -> None:
+    await client.post(MESSAGES, json=1)
+    get = await client.get(MESSAGES)
+    head = await client.head(MESSAGES)
+    assert head.status_code == 200
+    assert head.content == b""
+    assert head.headers["content-length"] == str(len(get.content))
+    assert (await client.head("/healthz")).status_code == 200
 
 
 async def test_declared_oversized_body_is_refused_before_reading(client: httpx.AsyncClient) -> None:

@@ -140,14 +140,44 @@ async def test_channel_retention_overrides_default(store: Store) -> None:
         await store.append("a", draft(f"m{i}"), now_ms=T0)
         await store.append("b", draft(f"m{i}"), now_ms=T0)
     own = Retention(max_count=2, max_age_ms=60_000)
-    await store.set_retention("a", own)
+    await store.set_retention("a", max_count=2, max_age_ms=60_000)
     assert await store.get_retention("a") == own
     assert await store.get_retention("b") == DEFAULT
     assert await read_all(store, "a") == [9, 10]  # trimmed when the policy was set
     assert len(await read_all(store, "b")) == 10
     assert await read_all(store, "a", now_ms=T0 + 61_000) == []
-    await store.set_retention("a", None)
+    await store.set_retention("a", max_count=None, max_age_ms=None)
     assert await store.get_retention("a") == DEFAULT
+
+
+async def test_a_limit_left_out_follows_the_default(store: Store) -> None:
+    await store.set_retention("a", max_count=5, max_age_ms=None)
+    assert await store.get_retention("a") == Retention(max_count=5, max_age_ms=DAY_MS)
+
+
+async def test_a_lower_default_count_applies_to_reads_before_any_append(
+    make_store: StoreFactory,
+) -> None:
+    store = make_store(Retention(max_count=10, max_age_ms=DAY_MS))
+    await store.open()
+    for i in range(10):
+        await store.append("a", draft(f"m{i}"), now_ms=T0)
+    await store.close()
+    # The same data under a lower default, as after a restart with a new --retention-count.
+    if isinstance(store, MemoryStore):
+        store.default_retention = Retention(max_count=4, max_age_ms=DAY_MS)
+        lowered: Store = store
+    else:
+        lowered = make_store(Retention(max_count=4, max_age_ms=DAY_MS))
+    await lowered.open()
+    try:
+        assert await read_all(lowered, "a") == [7, 8, 9, 10]
+        stats = await lowered.stats("a", now_ms=T0)
+        assert (stats.retained, stats.first_seq) == (4, 7)
+        await lowered.trim(now_ms=T0)
+        assert await read_all(lowered, "a", after=0) == [7, 8, 9, 10]
+    finally:
+        await lowered.close()
 
 
 async def test_idempotency_key_replays_the_first_result(store: Store) -> None:
@@ -235,7 +265,7 @@ async def test_sqlite_reopen_keeps_sequences_history_and_keys(tmp_path: Path) ->
     await store.open()
     await store.append("a", draft("one", key="k"), now_ms=T0)
     await store.append("a", draft("two"), now_ms=T0)
-    await store.set_retention("a", Retention(max_count=50, max_age_ms=DAY_MS))
+    await store.set_retention("a", max_count=50, max_age_ms=None)
     await store.close()
 
     reopened = make_store()
@@ -262,3 +292,25 @@ async def test_sqlite_refuses_a_second_process_on_the_same_file(tmp_path: Path) 
     third = SQLiteStore(tmp_path / "hub.db")
     await third.open()  # the lock went with the first store
     await third.close()
+
+
+async def test_sqlite_one_failing_write_does_not_fail_the_others_in_its_commit(
+    tmp_path: Path,
+) -> None:
+    store = SQLiteStore(tmp_path / "hub.db", retention=DEFAULT)
+    await store.open()
+    try:
+        # 2**64 does not fit a SQLite integer: the store itself fails on it (the hub would have
+        # refused it earlier). It shares a batch with the appends around it.
+        outcomes = await asyncio.gather(
+            *(store.append("a", draft(f"m{i}"), now_ms=T0) for i in range(20)),
+            store.set_retention("a", max_count=2**64, max_age_ms=None),
+            *(store.append("a", draft(f"n{i}"), now_ms=T0) for i in range(20)),
+            return_exceptions=True,
+        )
+        failures = [o for o in outcomes if isinstance(o, BaseException)]
+        assert len(failures) == 1 and isinstance(failures[0], Unavailable)
+        assert await read_all(store, "a") == list(range(1, 41))
+        assert await store.get_retention("a") == DEFAULT
+    finally:
+        await store.close()

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from ..wire import InvalidPayload, format_id
 from ..wire.payload import normalize_content_type, validate_payload
-from .channels import Retention, validate_channel
+from .channels import Retention, check_retention, validate_channel
 from .errors import InvalidRequest, TooBusy, Unavailable
 from .messages import Appended, Draft, Message
 from .store import Store
@@ -199,8 +199,7 @@ class Hub:
             return await self._page(channel, after, limit)
         if self._long_polls >= self.limits.max_long_polls:
             raise TooBusy(
-                f"{self._long_polls} long polls are waiting, the configured maximum; "
-                "retry shortly or use a push transport"
+                f"{self._long_polls} long polls are waiting, the configured maximum; retry shortly"
             )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
@@ -285,10 +284,14 @@ class Hub:
             subscribers=dict(self._subscribers.get(channel, {})),
         )
 
-    async def configure(self, channel: str, retention: Retention | None) -> ChannelInfo:
+    async def configure(
+        self, channel: str, *, max_count: int | None = None, max_age_ms: int | None = None
+    ) -> ChannelInfo:
+        """Set the channel's own retention limits; ``None`` follows the server's default."""
         validate_channel(channel)
+        check_retention(max_count, max_age_ms)
         self._check_open()
-        await self.store.set_retention(channel, retention)
+        await self.store.set_retention(channel, max_count=max_count, max_age_ms=max_age_ms)
         return await self.info(channel)
 
     @contextlib.contextmanager

@@ -7,9 +7,9 @@ behaviour suite in ``tests/store`` checks them):
   reused, even after retention removes every message of the channel or the process restarts.
 - ``append`` returns only once the message is durable to the degree the store promises (the
   SQLite store: survives a crash of the process).
-- Retention keeps at most ``max_count`` messages per channel (enforced at append) and hides
-  messages older than ``max_age_ms`` at once (``read`` and ``stats`` take ``now_ms``);
-  ``trim`` deletes them for good.
+- Retention applies to reads at once: ``read`` and ``stats`` see only the newest
+  ``max_count`` messages of a channel, none older than ``max_age_ms`` before ``now_ms``, even
+  while the rows are still stored; appends and ``trim`` delete what it hides.
 - An ``idempotency_key`` already used in the channel within the key's lifetime returns the
   first message with ``replayed=True``; with a different ``digest`` it raises
   :class:`~backchannel.core.errors.IdempotencyKeyReused`.
@@ -52,8 +52,10 @@ class Store(Protocol):
     async def get_retention(self, channel: str) -> Retention:
         """The channel's policy: its own if set, else the store's default."""
 
-    async def set_retention(self, channel: str, retention: Retention | None) -> None:
-        """Give the channel its own policy, or ``None`` to go back to the default."""
+    async def set_retention(
+        self, channel: str, *, max_count: int | None, max_age_ms: int | None
+    ) -> None:
+        """Give the channel its own limits; ``None`` for a limit means the store's default."""
 
     async def trim(self, *, now_ms: int) -> int:
         """Delete expired messages and idempotency keys; return how many messages went."""

@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from ..core.channels import Retention, validate_channel
+from ..core.channels import validate_channel
 from ..core.hub import ChannelInfo
 from ..wire import InvalidCursor, parse_id
 from ..wire.jsonfmt import encode_page, format_time
@@ -61,38 +61,40 @@ async def channel_info(request: Request) -> Response:
 
 async def configure_channel(request: Request) -> Response:
     channel = validate_channel(request.params["channel"])
-    body = await request.body(MAX_SETTINGS_BYTES)
+    body = await request.body(MAX_SETTINGS_BYTES, "16 KiB for channel settings")
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise HTTPProblem("malformed-json", f"the body is not valid JSON: {exc}") from None
-    if not isinstance(document, dict) or set(document) - {"retention"}:
+    if not isinstance(document, dict) or set(document) != {"retention"}:
         raise HTTPProblem(
             "invalid-retention",
-            'the body is {"retention": {"max_count": N, "max_age": S}} or {"retention": null}',
+            'the body is {"retention": {"max_count": N, "max_age": SECONDS}}, either limit '
+            'optional, or {"retention": null} to follow the server defaults',
         )
-    retention = _retention(document.get("retention"), request.app.settings.retention)
-    info = await request.app.hub.configure(channel, retention)
+    max_count, max_age_ms = _retention(document["retention"])
+    info = await request.app.hub.configure(channel, max_count=max_count, max_age_ms=max_age_ms)
     return json_response(200, _info_document(info), [NO_STORE])
 
 
-def _retention(value: Any, default: Retention) -> Retention | None:
+def _retention(value: Any) -> tuple[int | None, int | None]:
+    """The channel's own limits from a PUT body; a limit left out follows the default."""
     if value is None:
-        return None
+        return None, None
     if not isinstance(value, dict) or set(value) - {"max_count", "max_age"}:
         raise HTTPProblem("invalid-retention", "retention takes max_count and max_age")
-    max_count = value.get("max_count", default.max_count)
-    max_age = value.get("max_age", default.max_age_ms / 1000)
-    if not isinstance(max_count, int) or isinstance(max_count, bool) or max_count < 1:
-        raise HTTPProblem("invalid-retention", "max_count must be an integer of at least 1")
-    if (
+    max_count = value.get("max_count")
+    max_age = value.get("max_age")
+    if max_count is not None and (not isinstance(max_count, int) or isinstance(max_count, bool)):
+        raise HTTPProblem("invalid-retention", "max_count must be a whole number")
+    if max_age is not None and (
         not isinstance(max_age, int | float)
         or isinstance(max_age, bool)
         or not math.isfinite(max_age)
-        or not 1 <= max_age <= 10 * 365 * 86400
+        or abs(max_age) > 1e12
     ):
-        raise HTTPProblem("invalid-retention", "max_age must be between 1 second and 10 years")
-    return Retention(max_count=max_count, max_age_ms=int(max_age * 1000))
+        raise HTTPProblem("invalid-retention", "max_age must be a number of seconds")
+    return max_count, None if max_age is None else int(max_age * 1000)
 
 
 def _info_document(info: ChannelInfo) -> dict[str, object]:

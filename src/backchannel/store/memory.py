@@ -15,7 +15,8 @@ from .base import DEFAULT_IDEMPOTENCY_TTL_MS, DEFAULT_RETENTION
 @dataclass
 class _Channel:
     last_seq: int = 0
-    retention: Retention | None = None
+    max_count: int | None = None  # the channel's own limits; None follows the default
+    max_age_ms: int | None = None
     # Retained messages form a contiguous run of sequence numbers, oldest first.
     messages: list[Message] = field(default_factory=list)
     keys: dict[str, tuple[Message, bytes, int]] = field(default_factory=dict)
@@ -51,9 +52,9 @@ class MemoryStore:
             raise Unavailable("the memory store is closed")
 
     def _policy(self, state: _Channel | None) -> Retention:
-        if state is None or state.retention is None:
+        if state is None:
             return self.default_retention
-        return state.retention
+        return self.default_retention.override(state.max_count, state.max_age_ms)
 
     async def append(self, channel: str, draft: Draft, *, now_ms: int) -> Appended:
         self._check()
@@ -89,9 +90,10 @@ class MemoryStore:
         return Appended(message)
 
     def _live(self, state: _Channel, now_ms: int) -> list[Message]:
-        oldest = now_ms - self._policy(state).max_age_ms
+        policy = self._policy(state)
+        oldest = now_ms - policy.max_age_ms
         messages = state.messages
-        skip = 0
+        skip = max(0, len(messages) - policy.max_count)
         while skip < len(messages) and messages[skip].time_ms < oldest:
             skip += 1
         return messages[skip:]
@@ -129,10 +131,13 @@ class MemoryStore:
         self._check()
         return self._policy(self._channels.get(channel))
 
-    async def set_retention(self, channel: str, retention: Retention | None) -> None:
+    async def set_retention(
+        self, channel: str, *, max_count: int | None, max_age_ms: int | None
+    ) -> None:
         self._check()
         state = self._channels.setdefault(channel, _Channel())
-        state.retention = retention
+        state.max_count = max_count
+        state.max_age_ms = max_age_ms
         excess = len(state.messages) - self._policy(state).max_count
         if excess > 0:
             del state.messages[:excess]

@@ -72,7 +72,9 @@ CREATE INDEX IF NOT EXISTS idempotency_expiry ON idempotency (expires_ms);
 _READ = """
 SELECT m.seq, m.time_ms, m.content_type, m.data
 FROM channels AS c JOIN messages AS m ON m.channel_id = c.id
-WHERE c.name = ? AND m.seq > ? AND m.time_ms >= ? - COALESCE(c.max_age_ms, ?)
+WHERE c.name = ?
+  AND m.seq > max(?, c.last_seq - COALESCE(c.max_count, ?))
+  AND m.time_ms >= ? - COALESCE(c.max_age_ms, ?)
 ORDER BY m.seq
 LIMIT ?
 """
@@ -80,7 +82,9 @@ LIMIT ?
 _STATS = """
 SELECT c.last_seq, count(m.seq), min(m.seq)
 FROM channels AS c LEFT JOIN messages AS m
-  ON m.channel_id = c.id AND m.time_ms >= ? - COALESCE(c.max_age_ms, ?)
+  ON m.channel_id = c.id
+  AND m.seq > c.last_seq - COALESCE(c.max_count, ?)
+  AND m.time_ms >= ? - COALESCE(c.max_age_ms, ?)
 WHERE c.name = ?
 GROUP BY c.id
 """
@@ -168,8 +172,7 @@ class SQLiteStore:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "another process"
             os.close(fd)
             raise StoreLocked(
-                f"{self.path} is in use by {holder}: one hub process per SQLite file "
-                "(use the Redis store to run several)"
+                f"{self.path} is in use by {holder}: only one hub process may use a SQLite file"
             ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()}\n".encode())
@@ -262,10 +265,20 @@ class SQLiteStore:
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op in batch:
+                # A savepoint per operation: one that fails takes only its own writes back,
+                # not those of the other callers sharing the commit.
+                conn.execute("SAVEPOINT op")
                 try:
-                    outcomes.append((op, op.fn(conn), None))
-                except BackchannelError as exc:  # refused, nothing written for this op
+                    result = op.fn(conn)
+                except BackchannelError as exc:  # refused before writing anything
                     outcomes.append((op, None, exc))
+                except Exception as exc:
+                    log.exception("a write failed; only its own operation is refused")
+                    conn.execute("ROLLBACK TO op")
+                    outcomes.append((op, None, Unavailable(f"the store could not write: {exc}")))
+                else:
+                    outcomes.append((op, result, None))
+                conn.execute("RELEASE op")
             for row in touched.values():
                 conn.execute(
                     "UPDATE channels SET last_seq = ?, last_time_ms = ? WHERE id = ?",
@@ -373,29 +386,40 @@ class SQLiteStore:
         result: Appended = await self._write(run)
         return result
 
-    async def set_retention(self, channel: str, retention: Retention | None) -> None:
+    async def set_retention(
+        self, channel: str, *, max_count: int | None, max_age_ms: int | None
+    ) -> None:
         def run(conn: sqlite3.Connection) -> None:
             row = self._channel(conn, channel)
-            row.max_count = retention.max_count if retention else None
-            row.max_age_ms = retention.max_age_ms if retention else None
             conn.execute(
                 "UPDATE channels SET max_count = ?, max_age_ms = ? WHERE id = ?",
-                (row.max_count, row.max_age_ms, row.id),
+                (max_count, max_age_ms, row.id),
             )
+            row.max_count = max_count
+            row.max_age_ms = max_age_ms
             self._touched[channel] = row  # trims to the new max_count in this transaction
 
         await self._write(run)
 
     async def trim(self, *, now_ms: int) -> int:
         default_age = self.default_retention.max_age_ms
+        default_count = self.default_retention.max_count
 
         def run(conn: sqlite3.Connection) -> int:
             removed = 0
-            channels = conn.execute("SELECT id, max_age_ms FROM channels").fetchall()
-            for channel_id, max_age_ms in channels:
+            channels = conn.execute(
+                "SELECT name, id, last_seq, max_count, max_age_ms FROM channels"
+            ).fetchall()
+            for name, channel_id, last_seq, max_count, max_age_ms in channels:
+                cached = self._channels.get(name)  # ahead of the table within a batch
+                newest = cached.last_seq if cached is not None else last_seq
                 cursor = conn.execute(
-                    "DELETE FROM messages WHERE channel_id = ? AND time_ms < ?",
-                    (channel_id, now_ms - (max_age_ms or default_age)),
+                    "DELETE FROM messages WHERE channel_id = ? AND (time_ms < ? OR seq <= ?)",
+                    (
+                        channel_id,
+                        now_ms - (max_age_ms or default_age),
+                        newest - (max_count or default_count),
+                    ),
                 )
                 removed += cursor.rowcount
             conn.execute("DELETE FROM idempotency WHERE expires_ms <= ?", (now_ms,))
@@ -426,12 +450,13 @@ class SQLiteStore:
         self, channel: str, *, after: int, limit: int, max_bytes: int, now_ms: int
     ) -> list[Message]:
         default_age = self.default_retention.max_age_ms
+        default_count = self.default_retention.max_count
 
         def run(conn: sqlite3.Connection) -> list[Message]:
             out: list[Message] = []
             size = 0
             for seq, time_ms, content_type, data in conn.execute(
-                _READ, (channel, after, now_ms, default_age, limit)
+                _READ, (channel, after, default_count, now_ms, default_age, limit)
             ):
                 size += len(data)
                 if out and size > max_bytes:
@@ -452,9 +477,10 @@ class SQLiteStore:
 
     async def stats(self, channel: str, *, now_ms: int) -> ChannelStats:
         default_age = self.default_retention.max_age_ms
+        default_count = self.default_retention.max_count
 
         def run(conn: sqlite3.Connection) -> ChannelStats:
-            found = conn.execute(_STATS, (now_ms, default_age, channel)).fetchone()
+            found = conn.execute(_STATS, (default_count, now_ms, default_age, channel)).fetchone()
             if found is None:
                 return ChannelStats(last_seq=0, first_seq=1, retained=0)
             last_seq, retained, first_seq = found
@@ -474,8 +500,4 @@ class SQLiteStore:
         found = await self._read(run)
         if found is None:
             return self.default_retention
-        max_count, max_age_ms = found
-        return Retention(
-            max_count=max_count or self.default_retention.max_count,
-            max_age_ms=max_age_ms or self.default_retention.max_age_ms,
-        )
+        return self.default_retention.override(*found)
