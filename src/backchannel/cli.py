@@ -24,13 +24,13 @@ examples:
 """
 
 
-def _serve_parser(sub: Any) -> None:
+def _serve_parser(sub: Any) -> argparse.ArgumentParser:
     parser = sub.add_parser(
         "serve",
         help="run the hub",
         description="Run the hub. Every flag can also be set with the environment variable "
         "shown; a flag wins over the variable.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     for f in fields(Settings):
         flag = "--" + f.name.replace("_", "-")
@@ -53,8 +53,9 @@ def _serve_parser(sub: Any) -> None:
                 type=lambda raw, name=f.name: parse_value(name, raw),
                 choices=f.metadata.get("choices"),
                 default=argparse.SUPPRESS,
-                help=help_text + f" (default: {f.default})",
+                help=help_text + (f" (default: {f.default})" if f.default != "" else ""),
             )
+    return parser  # type: ignore[no-any-return]
 
 
 def _client_parent() -> argparse.ArgumentParser:
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"backchannel {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    _serve_parser(sub)
+    parser.set_defaults(serve_parser=_serve_parser(sub))
     client = _client_parent()
 
     publish = sub.add_parser(
@@ -136,15 +137,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "serve":
-        return _serve(args, parser)
+        return _serve(args, args.serve_parser)
     try:
         with Client(args.url) as client:
             if args.command == "publish":
                 result = _publish(client, args)
             else:
-                result = client.poll(
+                # The hub's own bytes, so JSON messages are printed exactly as published.
+                raw = client.poll_raw(
                     args.channel, after=args.after, limit=args.limit, wait=args.wait
                 )
+                sys.stdout.write(raw.decode() + "\n")
+                return 0
     except HubUnreachable as exc:
         print(f"backchannel: {exc} (is `backchannel serve` running?)", file=sys.stderr)
         return 2

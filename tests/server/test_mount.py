@@ -36,7 +36,10 @@ async def test_mounted_under_a_prefix() -> None:
         assert page["messages"][0]["data"] == {"ok": True}
         missing = await c.get("/hub/nowhere")
         assert missing.status_code == 404
-        assert missing.json()["instance"] == "/nowhere"
+        # Type and instance resolve against the host, so they carry the mount prefix.
+        assert missing.json()["instance"] == "/hub/nowhere"
+        assert missing.json()["type"] == "/hub/problems/not-found"
+        assert (await c.get(missing.json()["type"])).json()["status"] == 404
 
 
 async def test_starts_lazily_without_lifespan() -> None:

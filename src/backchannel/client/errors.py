@@ -21,9 +21,12 @@ class HubUnreachable(ClientError):
 
 
 class HubError(ClientError):
-    def __init__(self, status: int, problem: dict[str, Any]) -> None:
+    def __init__(
+        self, status: int, problem: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> None:
         self.status = status
         self.problem = problem
+        self.headers = headers or {}  # e.g. Retry-After on 503
         title = problem.get("title") or f"HTTP {status}"
         detail = problem.get("detail")
         super().__init__(f"{title}: {detail}" if detail else title)

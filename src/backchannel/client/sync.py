@@ -66,6 +66,20 @@ class Client:
         wait: float | None = None,
     ) -> dict[str, Any]:
         """Messages after ``after``; with ``wait``, a long poll of up to that many seconds."""
+        page: dict[str, Any] = orjson.loads(
+            self.poll_raw(channel, after=after, limit=limit, wait=wait)
+        )
+        return page
+
+    def poll_raw(
+        self,
+        channel: str,
+        *,
+        after: str | None = None,
+        limit: int | None = None,
+        wait: float | None = None,
+    ) -> bytes:
+        """:meth:`poll`'s answer as the hub sent it: JSON bytes."""
         params: dict[str, str] = {}
         if after is not None:
             params["after"] = after
@@ -78,14 +92,19 @@ class Client:
             timeout = httpx.Timeout(
                 timeout.connect, read=read, write=timeout.write, pool=timeout.pool
             )
-        return self._request(
+        response = self._send(
             "GET", f"/v1/channels/{_segment(channel)}/messages", params=params, timeout=timeout
         )
+        return response.content
 
     def info(self, channel: str) -> dict[str, Any]:
         return self._request("GET", f"/v1/channels/{_segment(channel)}")
 
     def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        result: dict[str, Any] = self._send(method, path, **kwargs).json()
+        return result
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
@@ -95,9 +114,12 @@ class Client:
                 problem = response.json()
             except ValueError:
                 problem = {"title": response.reason_phrase, "detail": response.text[:200]}
-            raise HubError(response.status_code, problem if isinstance(problem, dict) else {})
-        result: dict[str, Any] = response.json()
-        return result
+            raise HubError(
+                response.status_code,
+                problem if isinstance(problem, dict) else {},
+                dict(response.headers),
+            )
+        return response
 
 
 def _segment(channel: str) -> str:

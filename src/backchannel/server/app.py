@@ -102,20 +102,20 @@ class BackchannelApp:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = request_path(scope)
+        root = scope.get("root_path") or ""
         try:
             response = await self._dispatch(scope, receive, path)
         except ClientDisconnected:
             return
         except HTTPProblem as problem:
-            response = problem_response(problem, path)
+            response = problem_response(problem, path, root)
         except BackchannelError as exc:
-            response = problem_response(_problem_for(exc), path)
+            response = problem_response(_problem_for(exc), path, root)
         except Exception:
             log.exception("unhandled error in %s %s", scope.get("method"), path)
-            response = problem_response(
-                HTTPProblem("internal-error", "the hub failed to answer; see its log"), path
-            )
-        await response.send(send)
+            failure = HTTPProblem("internal-error", "the hub failed to answer; see its log")
+            response = problem_response(failure, path, root)
+        await response.send(send, head=scope["method"] == "HEAD")
 
     async def _dispatch(self, scope: Scope, receive: Receive, path: str) -> Response:
         found = MUX.match(scope["method"], path)

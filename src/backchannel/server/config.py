@@ -32,8 +32,8 @@ class Settings:
     )
     store: str = _setting(
         "",
-        "store URL: sqlite:///relative/file.db, sqlite:////absolute/file.db or memory:// "
-        "(default: sqlite in the data dir)",
+        "store URL: sqlite:///relative/file.db, sqlite:////absolute/file.db or memory://; "
+        "empty means backchannel.db in the data dir",
     )
     sqlite_synchronous: str = _setting(
         "normal",

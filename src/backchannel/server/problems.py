@@ -35,7 +35,7 @@ _TYPES = [
         "invalid-cursor",
         400,
         "Invalid cursor",
-        "`after` and `Last-Event-ID` take a message id: 1 to 16 hexadecimal digits.",
+        "`after` takes a message id: 1 to 16 hexadecimal digits, at most 7fffffffffffffff.",
     ),
     ProblemType(
         "invalid-parameter",
@@ -145,9 +145,9 @@ class HTTPProblem(Exception):
         self.headers = headers or []
         self.extra = extra
 
-    def body(self, instance: str | None = None) -> bytes:
+    def body(self, instance: str | None = None, root_path: str = "") -> bytes:
         doc: dict[str, object] = {
-            "type": self.type.uri,
+            "type": root_path + self.type.uri,
             "title": self.type.title,
             "status": self.type.status,
             "detail": self.detail,

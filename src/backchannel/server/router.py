@@ -63,15 +63,19 @@ class ServeMux:
             seen.add((route.method, route.segments))
 
     def match(self, method: str, path: str) -> Matched | NoRoute:
+        """The route for ``method`` and ``path``; a GET route answers HEAD too."""
+        wanted = "GET" if method == "HEAD" else method
         segments = [unquote(s, errors="replace") if "%" in s else s for s in _split(path)]
         allowed: list[str] = []
         for route in self.routes:
             params = route.match(segments)
             if params is None:
                 continue
-            if route.method == method:
+            if route.method == wanted:
                 return Matched(route, params)
             allowed.append(route.method)
+            if route.method == "GET":
+                allowed.append("HEAD")
         return NoRoute(tuple(allowed))
 
 
