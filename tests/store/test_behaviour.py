@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import pytest
 
-from backchannel.core import Draft, IdempotencyKeyReused, Retention, Store, Unavailable
+from backchannel.core import Draft, Message, IdempotencyKeyReused, Retention, Store, Unavailable
 from backchannel.store import MemoryStore, SQLiteStore, StoreLocked
 
 DAY_MS = 86_400_000
@@ -234,9 +234,9 @@ async def test_listeners_hear_appends_after_they_are_readable(store: Store) -> N
     heard: list[tuple[str, int, list[int]]] = []
     seen = asyncio.Event()
 
-    def listener(channel: str, last_seq: int) -> None:
+    def listener(channel: str, messages: Sequence[Message]) -> None:
         async def check() -> None:
-            heard.append((channel, last_seq, await read_all(store, channel)))
+            heard.append((channel, messages[-1].seq, await read_all(store, channel)))
             seen.set()
 
         asyncio.get_running_loop().create_task(check())

@@ -16,13 +16,14 @@ import hashlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from ..wire import InvalidPayload, format_id
 from ..wire.payload import normalize_content_type, validate_payload
 from .channels import Retention, check_retention, validate_channel
 from .errors import InvalidRequest, TooBusy, Unavailable
+from .fanout import CloseReason, FanOut, Sink, Subscription
 from .messages import Appended, Draft, Message
 from .store import Store
 
@@ -44,6 +45,7 @@ class Limits:
     max_wait: float = 60.0
     max_long_polls: int = 10_000
     sweep_interval: float = 60.0
+    max_outbound_bytes: int = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +86,7 @@ class Hub:
         self._waiters: dict[str, set[asyncio.Future[int]]] = {}
         self._inflight: dict[tuple[str, int, int], asyncio.Future[list[Message]]] = {}
         self._subscribers: dict[str, Counter[str]] = {}
+        self.fanout = FanOut(self._replay_read, max_outbound_bytes=self.limits.max_outbound_bytes)
         self._long_polls = 0
         self._started = False
         self._closing = False
@@ -101,8 +104,10 @@ class Hub:
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="backchannel-sweeper")
 
     def begin_shutdown(self) -> None:
-        """Release every long poll now (with what it has) and refuse new ones."""
+        """Release every long poll now (with what it has), end every push subscription, and
+        refuse new ones."""
         self._closing = True
+        self.fanout.close_all(CloseReason.SHUTTING_DOWN)
         for futures in self._waiters.values():
             for future in futures:
                 if not future.done():
@@ -122,6 +127,10 @@ class Hub:
     @property
     def started(self) -> bool:
         return self._started
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
 
     async def ready(self) -> None:
         """Raise :class:`Unavailable` unless the hub can take requests."""
@@ -263,10 +272,45 @@ class Hub:
         if not done.cancelled():
             done.exception()  # retrieved here so that readers who left do not leave it unseen
 
-    def _on_appended(self, channel: str, last_seq: int) -> None:
-        for future in self._waiters.get(channel, ()):
-            if not future.done():
-                future.set_result(last_seq)
+    async def _replay_read(self, channel: str, after: int, limit: int) -> list[Message]:
+        return await self._read_shared(channel, after, limit)
+
+    def _on_appended(self, channel: str, messages: Sequence[Message]) -> None:
+        waiters = self._waiters.get(channel)
+        if waiters:
+            last_seq = messages[-1].seq
+            for future in waiters:
+                if not future.done():
+                    future.set_result(last_seq)
+        self.fanout.deliver(channel, messages)
+
+    # -- push ---------------------------------------------------------------------------------
+
+    def subscribe(
+        self,
+        channel: str,
+        sink: Sink,
+        encode: Callable[[Message], bytes],
+        *,
+        transport: str,
+        after: int | None = None,
+    ) -> Subscription:
+        """Push ``channel`` to ``sink`` (see :mod:`.fanout`): from message ``after`` on,
+        replaying history first, or from the next message when ``after`` is None."""
+        validate_channel(channel)
+        self._check_open()
+        return self.fanout.subscribe(channel, sink, encode, transport=transport, after=after)
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        self.fanout.unsubscribe(subscription)
+
+    def attach(self, sink: Sink) -> None:
+        """Register a push connection before it subscribes to anything (see FanOut.attach)."""
+        self._check_open()
+        self.fanout.attach(sink)
+
+    def detach(self, sink: Sink) -> None:
+        self.fanout.detach(sink)
 
     # -- channels -----------------------------------------------------------------------------
 
@@ -281,7 +325,7 @@ class Hub:
             first_id=format_id(stats.first_seq) if stats.retained else None,
             retained=stats.retained,
             retention=retention,
-            subscribers=dict(self._subscribers.get(channel, {})),
+            subscribers=dict(self._subscribers.get(channel, {})) | self.fanout.count(channel),
         )
 
     async def configure(

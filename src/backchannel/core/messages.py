@@ -7,6 +7,7 @@ from functools import cached_property
 
 from ..wire import format_id
 from ..wire.jsonfmt import encode_message
+from ..wire.sse import encode_event
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -23,10 +24,32 @@ class Message:
     def id(self) -> str:
         return format_id(self.seq)
 
+    # Each wire form is encoded the first time a subscriber needs it and then shared by every
+    # subscriber of that form: a message is encoded once per wire format, not once per reader.
+
     @cached_property
     def json(self) -> bytes:
-        """The message as a JSON object, encoded once however many readers it has."""
+        """The message as a JSON object (polls, one-channel WebSocket frames)."""
         return encode_message(self.channel, self.seq, self.time_ms, self.content_type, self.data)
+
+    @cached_property
+    def sse(self) -> bytes:
+        """The message as one server-sent event: its id, and its JSON as data."""
+        return b"id: " + self.id.encode() + b"\n" + self.sse_data
+
+    @cached_property
+    def sse_data(self) -> bytes:
+        """The event without its id line, for streams whose ids are composite."""
+        # JSON from orjson has no raw line breaks, but a JSON body embedded verbatim may.
+        body = self.json
+        if b"\n" in body or b"\r" in body:
+            return encode_event(body.decode())
+        return b"data: " + body + b"\n\n"
+
+    @cached_property
+    def mux_json(self) -> bytes:
+        """The message as pushed on the multiplexed WebSocket."""
+        return b'{"op":"message","message":' + self.json + b"}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -13,20 +13,21 @@ behaviour suite in ``tests/store`` checks them):
 - An ``idempotency_key`` already used in the channel within the key's lifetime returns the
   first message with ``replayed=True``; with a different ``digest`` it raises
   :class:`~backchannel.core.errors.IdempotencyKeyReused`.
-- Listeners are called on the event loop with ``(channel, last_seq)`` after messages are
-  durably appended. A store shared by several hub processes calls them for appends made by
+- Listeners are called on the event loop with ``(channel, messages)`` after messages are
+  durably appended: the new messages of one channel, in sequence order, as many as were
+  committed together. A store shared by several hub processes calls them for appends made by
   any process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from .channels import Retention
 from .messages import Appended, ChannelStats, Draft, Message
 
-Listener = Callable[[str, int], None]
+Listener = Callable[[str, Sequence[Message]], None]
 
 
 class Store(Protocol):

@@ -10,6 +10,7 @@ the store cleanly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from .http import ClientDisconnected, Request, Response, problem_response
 from .problems import PROBLEM_TYPES, HTTPProblem
 from .router import Matched, request_path
 from .routes import MUX
+from .sse import Heartbeats
 
 log = logging.getLogger("backchannel.server")
 
@@ -58,6 +60,7 @@ class BackchannelApp:
                 else "normal",
             )
         self.hub = Hub(store, limits=self.settings.limits, clock=clock)
+        self.heartbeats = Heartbeats(self.settings.sse_heartbeat)
         self.openapi_json = orjson.dumps(openapi.build(self.settings))
         self._start_lock = asyncio.Lock()
         self._stopped = False  # after shutdown(), requests get 503 instead of a lazy restart
@@ -67,10 +70,20 @@ class BackchannelApp:
             self._stopped = False
             if not self.hub.started:
                 await self.hub.start()
+                self.heartbeats.start()
 
     async def shutdown(self) -> None:
         self._stopped = True
+        await self.heartbeats.stop()
         await self.hub.stop()
+
+    def origin_allowed(self, origin: str, host: str | None) -> bool:
+        """May a browser page from ``origin`` use the push endpoints? Same-origin pages always
+        may; others only when listed in ``allowed_origins`` (or when it is ``*``)."""
+        origins = self.settings.origins
+        if "*" in origins or origin.rstrip("/") in origins:
+            return True
+        return host is not None and origin.split("://", 1)[-1].rstrip("/") == host
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -79,8 +92,7 @@ class BackchannelApp:
         elif kind == "lifespan":
             await self._lifespan(receive, send)
         elif kind == "websocket":
-            # Refusing before accepting makes the server answer the handshake with 403.
-            await send({"type": "websocket.close", "code": 1008})
+            await self._websocket(scope, receive, send)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -103,21 +115,41 @@ class BackchannelApp:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = request_path(scope)
         root = scope.get("root_path") or ""
+        request: Request | None = None
         try:
-            response = await self._dispatch(scope, receive, path)
+            request = self._route(scope, receive, send, path)
+            if not self.hub.started and not self._stopped:
+                await self.startup()
+            response = await request.endpoint(request)
+            if response is None:  # the endpoint streamed its response itself
+                return
         except ClientDisconnected:
             return
-        except HTTPProblem as problem:
-            response = problem_response(problem, path, root)
-        except BackchannelError as exc:
-            response = problem_response(_problem_for(exc), path, root)
-        except Exception:
-            log.exception("unhandled error in %s %s", scope.get("method"), path)
-            failure = HTTPProblem("internal-error", "the hub failed to answer; see its log")
-            response = problem_response(failure, path, root)
+        except Exception as exc:
+            if request is not None and request.streaming:
+                log.exception("stream %s ended by an error", path)
+                return
+            response = _error_response(exc, path, root)
         await response.send(send, head=scope["method"] == "HEAD")
 
-    async def _dispatch(self, scope: Scope, receive: Receive, path: str) -> Response:
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = request_path(scope)
+        found = MUX.match("WEBSOCKET", path)
+        if not isinstance(found, Matched):
+            # Refusing before accepting makes the server answer the handshake with 403.
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        if not self.hub.started and not self._stopped:
+            await self.startup()
+        request = Request(self, scope, receive, send, path, found.route.endpoint, found.params)
+        try:
+            await found.route.endpoint(request)
+        except Exception:
+            log.exception("WebSocket %s ended by an error", path)
+            with contextlib.suppress(Exception):
+                await send({"type": "websocket.close", "code": 1011})
+
+    def _route(self, scope: Scope, receive: Receive, send: Send, path: str) -> Request:
         found = MUX.match(scope["method"], path)
         if not isinstance(found, Matched):
             if found.allowed:
@@ -128,10 +160,17 @@ class BackchannelApp:
                     headers=[(b"allow", allow)],
                 )
             raise HTTPProblem("not-found", f"no route for {path[:200]}")
-        if not self.hub.started and not self._stopped:
-            await self.startup()
-        request = Request(self, scope, receive, path, found.params)
-        return await found.route.endpoint(request)
+        return Request(self, scope, receive, send, path, found.route.endpoint, found.params)
+
+
+def _error_response(exc: Exception, path: str, root: str) -> Response:
+    if isinstance(exc, HTTPProblem):
+        return problem_response(exc, path, root)
+    if isinstance(exc, BackchannelError):
+        return problem_response(_problem_for(exc), path, root)
+    log.error("unhandled error answering %s", path, exc_info=exc)
+    failure = HTTPProblem("internal-error", "the hub failed to answer; see its log")
+    return problem_response(failure, path, root)
 
 
 def _problem_for(exc: BackchannelError) -> HTTPProblem:

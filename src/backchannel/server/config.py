@@ -56,6 +56,22 @@ class Settings:
     max_wait: float = _setting(60.0, "longest wait a long poll may ask for, in seconds (400 above)")
     max_long_polls: int = _setting(10_000, "long polls waiting at once (503 above)")
     sweep_interval: float = _setting(60.0, "seconds between deletions of expired messages")
+    max_outbound_bytes: int = _setting(
+        1_048_576,
+        "bytes a push subscriber may fall behind before it is disconnected as a slow consumer",
+    )
+    max_subscriptions: int = _setting(
+        1000, "channels one WebSocket or TCP connection may subscribe to at once"
+    )
+    sse_heartbeat: float = _setting(15.0, "seconds of silence after which a stream gets a comment")
+    sse_retry: float = _setting(2.0, "seconds a browser waits before reconnecting (SSE retry:)")
+    allowed_origins: str = _setting(
+        "",
+        "comma-separated origins whose browser pages may open WebSockets and event streams "
+        "(* for any); same-origin pages are always allowed",
+    )
+    tcp: bool = _setting(True, "serve the raw TCP protocol")
+    tcp_port: int = _setting(7000, "TCP port for the binary protocol (0 picks a free one)")
     log_level: str = _setting("info", "log level", choices=LOG_LEVELS)
     access_log: bool = _setting(False, "log every request (costs throughput)")
 
@@ -94,6 +110,9 @@ class Settings:
             "retention_age",
             "idempotency_ttl",
             "sweep_interval",
+            "max_outbound_bytes",
+            "max_subscriptions",
+            "sse_heartbeat",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -104,8 +123,11 @@ class Settings:
             raise ValueError("retention_age must be at least 1 second")
         if self.default_limit > self.max_limit:
             raise ValueError("default_limit must not exceed max_limit")
-        if not 0 <= self.port <= 65535:
-            raise ValueError("port must be between 0 and 65535")
+        for name in ("port", "tcp_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ValueError(f"{name} must be between 0 and 65535")
+        if self.sse_retry < 0:
+            raise ValueError("sse_retry must not be negative")
 
     @property
     def store_url(self) -> str:
@@ -127,6 +149,13 @@ class Settings:
             max_wait=self.max_wait,
             max_long_polls=self.max_long_polls,
             sweep_interval=self.sweep_interval,
+            max_outbound_bytes=self.max_outbound_bytes,
+        )
+
+    @property
+    def origins(self) -> frozenset[str]:
+        return frozenset(
+            o.strip().rstrip("/") for o in self.allowed_origins.split(",") if o.strip()
         )
 
 

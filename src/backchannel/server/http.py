@@ -17,6 +17,7 @@ from .problems import HTTPProblem
 
 if TYPE_CHECKING:
     from .app import BackchannelApp
+    from .router import Endpoint
 
 T = TypeVar("T")
 JSON = b"application/json"
@@ -58,20 +59,44 @@ def problem_response(problem: HTTPProblem, instance: str, root_path: str = "") -
 
 
 class Request:
-    """One HTTP request: its route parameters, headers, query and (bounded) body."""
+    """One HTTP request: its route parameters, headers, query and (bounded) body, and the ASGI
+    ``send`` for endpoints that stream their response themselves."""
 
-    __slots__ = ("_headers", "_query", "app", "params", "path", "receive", "scope")
+    __slots__ = (
+        "_headers",
+        "_pairs",
+        "app",
+        "endpoint",
+        "params",
+        "path",
+        "receive",
+        "scope",
+        "send",
+        "streaming",
+    )
 
     def __init__(
-        self, app: BackchannelApp, scope: Scope, receive: Receive, path: str, params: dict[str, str]
+        self,
+        app: BackchannelApp,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        path: str,
+        endpoint: Endpoint,
+        params: dict[str, str],
     ) -> None:
         self.app = app
+        self.endpoint = endpoint
+        #: Set by an endpoint once it has started its own response: from then on errors can
+        #: only end the stream, not become a problem document.
+        self.streaming = False
         self.scope = scope
         self.receive = receive
+        self.send = send
         self.path = path
         self.params = params
         self._headers: dict[bytes, bytes] | None = None
-        self._query: dict[str, str] | None = None
+        self._pairs: list[tuple[str, str]] | None = None
 
     @property
     def method(self) -> str:
@@ -87,23 +112,31 @@ class Request:
         value = self._headers.get(name)
         return None if value is None else value.decode("latin-1")
 
-    def query(self) -> dict[str, str]:
-        """Query parameters; a parameter given twice is a ``invalid-parameter`` problem."""
-        if self._query is None:
+    def _query_pairs(self) -> list[tuple[str, str]]:
+        if self._pairs is None:
             raw = self.scope.get("query_string", b"").decode("latin-1")
             try:
-                pairs = parse_qsl(raw, keep_blank_values=True, max_num_fields=MAX_QUERY_PARAMS)
+                self._pairs = parse_qsl(
+                    raw, keep_blank_values=True, max_num_fields=MAX_QUERY_PARAMS
+                )
             except ValueError:
                 raise HTTPProblem(
                     "invalid-parameter", f"more than {MAX_QUERY_PARAMS} query parameters"
                 ) from None
-            query: dict[str, str] = {}
-            for key, value in pairs:
-                if key in query:
-                    raise HTTPProblem("invalid-parameter", f"{key!r} is given more than once")
-                query[key] = value
-            self._query = query
-        return self._query
+        return self._pairs
+
+    def query(self, *, repeatable: frozenset[str] = frozenset()) -> dict[str, str]:
+        """Query parameters; a parameter given twice is an ``invalid-parameter`` problem unless
+        it is ``repeatable`` (read those with :meth:`query_all`)."""
+        query: dict[str, str] = {}
+        for key, value in self._query_pairs():
+            if key in query and key not in repeatable:
+                raise HTTPProblem("invalid-parameter", f"{key!r} is given more than once")
+            query[key] = value
+        return query
+
+    def query_all(self, name: str) -> list[str]:
+        return [value for key, value in self._query_pairs() if key == name]
 
     async def body(self, max_bytes: int, limit_name: str = "max_message_bytes") -> bytes:
         """The whole body, or a ``message-too-large`` problem as soon as it passes ``max_bytes``

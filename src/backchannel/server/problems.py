@@ -77,6 +77,66 @@ _TYPES = [
         "A retention policy has max_count >= 1 and max_age >= 1 second.",
     ),
     ProblemType("not-found", 404, "Not found", "No route matches this path."),
+    # Push protocols (docs/protocol.md): answers to WebSocket and TCP commands, and the reasons
+    # a connection is closed.
+    ProblemType(
+        "invalid-command",
+        400,
+        "Invalid command",
+        "A WebSocket or TCP command lacks a field, has one of the wrong type, or names an "
+        "unknown op.",
+    ),
+    ProblemType(
+        "already-subscribed",
+        409,
+        "Already subscribed",
+        "This connection is already subscribed to the channel.",
+    ),
+    ProblemType(
+        "not-subscribed",
+        404,
+        "Not subscribed",
+        "This connection is not subscribed to the channel.",
+    ),
+    ProblemType(
+        "too-many-subscriptions",
+        429,
+        "Too many subscriptions",
+        "The connection has as many subscriptions as max_subscriptions allows.",
+    ),
+    ProblemType(
+        "protocol-error",
+        400,
+        "Protocol error",
+        "A TCP frame is malformed, of an unknown type, or not allowed at this point of the "
+        "connection. The hub closes the connection.",
+    ),
+    ProblemType(
+        "frame-too-large",
+        413,
+        "Frame too large",
+        "A TCP frame is larger than the max_frame the hub announced. The hub closes the "
+        "connection.",
+    ),
+    ProblemType(
+        "unsupported-version",
+        400,
+        "Unsupported protocol version",
+        "The client's HELLO offers no protocol version the hub speaks.",
+    ),
+    ProblemType(
+        "slow-consumer",
+        503,
+        "Slow consumer",
+        "The connection fell more than max_outbound_bytes behind. Reconnect and resume from "
+        "the last message received.",
+    ),
+    ProblemType(
+        "shutting-down",
+        503,
+        "Shutting down",
+        "The hub is stopping. Reconnect (to it or another node) and resume.",
+    ),
     ProblemType(
         "method-not-allowed",
         405,

@@ -16,7 +16,8 @@ from .asgi import Scope
 if TYPE_CHECKING:
     from .http import Request, Response
 
-Endpoint = Callable[["Request"], Awaitable["Response"]]
+#: An endpoint answers with a Response, or None when it has streamed its response itself.
+Endpoint = Callable[["Request"], Awaitable["Response | None"]]
 
 
 @dataclass(frozen=True)

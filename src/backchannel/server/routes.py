@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import channels, meta
+from . import channels, meta, sse, websocket
 from .router import Route, ServeMux
 
 ROUTES = [
@@ -12,6 +12,18 @@ ROUTES = [
         "/v1/channels/{channel}/messages",
         channels.poll,
         "Read messages after a cursor: short poll, or long poll with wait=",
+    ),
+    Route(
+        "GET",
+        "/v1/channels/{channel}/events",
+        sse.channel_events,
+        "Server-sent events of one channel, resumable with Last-Event-ID or after=",
+    ),
+    Route(
+        "GET",
+        "/v1/events",
+        sse.multi_events,
+        "Server-sent events of several channels: ?channel=a&channel=b",
     ),
     Route(
         "GET",
@@ -30,6 +42,14 @@ ROUTES = [
     Route("GET", "/openapi.json", meta.openapi, "This API as an OpenAPI 3.1 document"),
     Route("GET", "/docs", meta.docs, "The OpenAPI document (HTML for browsers)"),
     Route("GET", "/problems/{slug}", meta.problem_type, "What a problem type means"),
+    # WebSocket handshakes are routed like requests, under the pseudo-method WEBSOCKET.
+    Route(
+        "WEBSOCKET",
+        "/v1/channels/{channel}/ws",
+        websocket.channel_socket,
+        "Messages of one channel, one JSON text frame each",
+    ),
+    Route("WEBSOCKET", "/v1/ws", websocket.mux_socket, "The multiplexed protocol"),
 ]
 
 MUX = ServeMux(ROUTES)

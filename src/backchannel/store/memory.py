@@ -86,7 +86,7 @@ class MemoryStore:
             state.keys[key] = (message, draft.digest, now_ms + self.idempotency_ttl_ms)
         loop = asyncio.get_running_loop()
         for listener in self._listeners:
-            loop.call_soon(listener, channel, state.last_seq)
+            loop.call_soon(listener, channel, [message])
         return Appended(message)
 
     def _live(self, state: _Channel, now_ms: int) -> list[Message]:

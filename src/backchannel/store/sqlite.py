@@ -147,6 +147,7 @@ class SQLiteStore:
         # applied has changed.
         self._channels: dict[str, _ChannelRow] = {}
         self._touched: dict[str, _ChannelRow] = {}
+        self._appended: dict[str, list[Message]] = {}
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -262,6 +263,8 @@ class SQLiteStore:
         outcomes: list[tuple[_Op, Any, BaseException | None]] = []
         touched: dict[str, _ChannelRow] = {}
         self._touched = touched
+        appended: dict[str, list[Message]] = {}
+        self._appended = appended
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op in batch:
@@ -297,13 +300,15 @@ class SQLiteStore:
             self._channels.clear()  # the cache ran ahead of the database: reload it
             failure = Unavailable(f"the store could not write: {exc}")
             outcomes = [(op, None, failure) for op in batch]
-            touched = {}
+            appended = {}
         assert self._loop is not None
-        notify = [(name, row.last_seq) for name, row in touched.items()]
+        notify = list(appended.items())
         self._loop.call_soon_threadsafe(self._deliver, outcomes, notify)
 
     def _deliver(
-        self, outcomes: list[tuple[_Op, Any, BaseException | None]], notify: list[tuple[str, int]]
+        self,
+        outcomes: list[tuple[_Op, Any, BaseException | None]],
+        notify: list[tuple[str, list[Message]]],
     ) -> None:
         for op, result, error in outcomes:
             if op.future.done():
@@ -312,9 +317,9 @@ class SQLiteStore:
                 op.future.set_result(result)
             else:
                 op.future.set_exception(error)
-        for channel, last_seq in notify:
+        for channel, messages in notify:
             for listener in self._listeners:
-                listener(channel, last_seq)
+                listener(channel, messages)
 
     def _channel(self, conn: sqlite3.Connection, name: str) -> _ChannelRow:
         row = self._channels.get(name)
@@ -373,15 +378,15 @@ class SQLiteStore:
             row.last_seq = seq
             row.last_time_ms = time_ms
             self._touched[channel] = row
-            return Appended(
-                Message(
-                    channel=channel,
-                    seq=seq,
-                    time_ms=time_ms,
-                    content_type=draft.content_type,
-                    data=draft.data,
-                )
+            message = Message(
+                channel=channel,
+                seq=seq,
+                time_ms=time_ms,
+                content_type=draft.content_type,
+                data=draft.data,
             )
+            self._appended.setdefault(channel, []).append(message)
+            return Appended(message)
 
         result: Appended = await self._write(run)
         return result

@@ -1,0 +1,267 @@
+"""The fan-out engine: delivering each new message to every subscriber of its channel.
+
+A :class:`Subscription` joins a channel with a :class:`Sink` (one connection's outbound side)
+and a function that gives the message's bytes in the sink's wire format. Those bytes are
+cached on the message (see :class:`~backchannel.core.messages.Message`), so a message is
+encoded once per wire format however many subscribers it has.
+
+Order and exactly-once are kept per subscription by its cursor, ``last_seq``: a subscription
+takes message ``last_seq + 1`` and nothing else. A message it has seen is skipped; a message
+after a gap sends it back to the store to read what it missed. So a subscription that starts
+from a cursor first replays history from the store while live messages are set aside, and
+joins the live stream where the two meet, with no gap and no duplicate, even while publishes
+race the replay.
+
+Writes are not made per message: sinks buffer, and the engine flushes every sink that has
+data once per turn of the event loop, so a burst of messages reaches a subscriber in one write.
+A sink that holds more than ``max_outbound_bytes`` unsent is a slow consumer: it is closed with
+reason ``slow-consumer`` and the others go on at full speed. During a replay the engine waits
+for the sink to drain instead, since there the engine, not the publishers, sets the pace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
+
+from .messages import Message
+
+log = logging.getLogger("backchannel.fanout")
+
+REPLAY_BATCH = 500
+#: Live messages set aside during a replay, beyond which they are dropped and read again from
+#: the store once the replay gets there.
+MAX_SET_ASIDE = 10_000
+
+
+class CloseReason(enum.Enum):
+    SLOW_CONSUMER = "slow-consumer"
+    SHUTTING_DOWN = "shutting-down"
+    UNSUBSCRIBED = "unsubscribed"
+    FAILED = "failed"
+
+
+class Sink(Protocol):
+    """One connection's outbound side, as the engine sees it. All methods are non-blocking."""
+
+    def write(self, data: bytes) -> None:
+        """Queue ``data``; it goes out at the next :meth:`flush`."""
+
+    def flush(self) -> None:
+        """Start sending what is queued."""
+
+    def buffered(self) -> int:
+        """Bytes queued or in flight but not yet taken by the peer (as far as is known)."""
+
+    async def drained(self) -> None:
+        """Return once :meth:`buffered` is low again (or the sink is closed)."""
+
+    def close(self, reason: CloseReason) -> None:
+        """End the connection (or, on a multiplexed one, tell the peer this subscription
+        ended) for ``reason``."""
+
+    @property
+    def closed(self) -> bool: ...
+
+
+Reader = Callable[[str, int, int], Awaitable[list[Message]]]
+
+
+class Subscription:
+    __slots__ = (
+        "_catching_up",
+        "_set_aside",
+        "_set_aside_overflowed",
+        "channel",
+        "encode",
+        "engine",
+        "last_seq",
+        "sink",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        engine: FanOut,
+        channel: str,
+        sink: Sink,
+        encode: Callable[[Message], bytes],
+        transport: str,
+        after: int | None,
+    ) -> None:
+        self.engine = engine
+        self.channel = channel
+        self.sink = sink
+        self.encode = encode
+        self.transport = transport
+        #: The last message delivered, or None until the first one for a subscription that
+        #: started from "now".
+        self.last_seq = after
+        self._catching_up: asyncio.Task[None] | None = None
+        self._set_aside: list[Message] = []
+        self._set_aside_overflowed = False
+
+    @property
+    def live(self) -> bool:
+        return self._catching_up is None
+
+    def offer(self, messages: Sequence[Message]) -> None:
+        """Take new messages of the channel, in sequence order."""
+        if self._catching_up is not None:
+            if len(self._set_aside) + len(messages) > MAX_SET_ASIDE:
+                self._set_aside.clear()
+                self._set_aside_overflowed = True
+            elif not self._set_aside_overflowed:
+                self._set_aside.extend(messages)
+            return
+        last = self.last_seq
+        sink = self.sink
+        for message in messages:
+            seq = message.seq
+            if last is not None:
+                if seq <= last:
+                    continue
+                if seq != last + 1:
+                    # Missed something (a notification was lost or reordered): read it.
+                    self._set_aside = [m for m in messages if m.seq >= seq]
+                    self.last_seq = last
+                    self._start_catch_up()
+                    return
+            sink.write(self.encode(message))
+            last = seq
+        self.last_seq = last
+        self.engine.dirty.add(self)
+
+    def _start_catch_up(self) -> None:
+        self._catching_up = asyncio.get_running_loop().create_task(self._catch_up())
+
+    async def _catch_up(self) -> None:
+        engine = self.engine
+        try:
+            while not self.sink.closed:
+                assert self.last_seq is not None
+                batch = await engine.read(self.channel, self.last_seq, REPLAY_BATCH)
+                for message in batch:
+                    # The store is the authority: its first message may be past the cursor
+                    # when retention removed what came between.
+                    if message.seq > self.last_seq:
+                        self.sink.write(self.encode(message))
+                        self.last_seq = message.seq
+                if batch:
+                    self.sink.flush()
+                    if self.sink.buffered() > engine.max_outbound_bytes // 2:
+                        await self.sink.drained()
+                if len(batch) == REPLAY_BATCH:
+                    continue
+                # Caught up with the store as of that read: join the live messages set aside,
+                # unless some were dropped or a gap remains between the two.
+                waiting = [m for m in self._set_aside if m.seq > self.last_seq]
+                if self._set_aside_overflowed or (waiting and waiting[0].seq != self.last_seq + 1):
+                    self._set_aside_overflowed = False
+                    self._set_aside = waiting
+                    continue
+                self._set_aside = []
+                self._catching_up = None
+                if waiting:
+                    self.offer(waiting)
+                    engine.schedule_flush()
+                return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("replay of %s failed; closing the subscription", self.channel)
+            self._catching_up = None
+            self.sink.close(CloseReason.FAILED)
+
+    def cancel(self) -> None:
+        if self._catching_up is not None:
+            self._catching_up.cancel()
+            self._catching_up = None
+
+
+class FanOut:
+    """Subscriptions by channel, and delivery to them."""
+
+    def __init__(self, read: Reader, *, max_outbound_bytes: int = 1 << 20) -> None:
+        self.read = read
+        self.max_outbound_bytes = max_outbound_bytes
+        self.channels: dict[str, set[Subscription]] = {}
+        self.dirty: set[Subscription] = set()
+        self.attached: set[Sink] = set()
+        self._flush_scheduled = False
+
+    def subscribe(
+        self,
+        channel: str,
+        sink: Sink,
+        encode: Callable[[Message], bytes],
+        *,
+        transport: str,
+        after: int | None,
+    ) -> Subscription:
+        """Start delivering ``channel`` to ``sink``: after message ``after``, replaying history
+        first, or from the next message published when ``after`` is None."""
+        subscription = Subscription(self, channel, sink, encode, transport, after)
+        self.channels.setdefault(channel, set()).add(subscription)
+        if after is not None:
+            subscription._start_catch_up()
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        subscription.cancel()
+        subscribers = self.channels.get(subscription.channel)
+        if subscribers is not None:
+            subscribers.discard(subscription)
+            if not subscribers:
+                del self.channels[subscription.channel]
+        self.dirty.discard(subscription)
+
+    def deliver(self, channel: str, messages: Sequence[Message]) -> None:
+        """Hand new messages of ``channel`` (in order) to its subscribers."""
+        subscribers = self.channels.get(channel)
+        if not subscribers:
+            return
+        for subscription in subscribers:
+            subscription.offer(messages)
+        self.schedule_flush()
+
+    def schedule_flush(self) -> None:
+        if not self._flush_scheduled and self.dirty:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        dirty, self.dirty = self.dirty, set()
+        limit = self.max_outbound_bytes
+        for subscription in dirty:
+            sink = subscription.sink
+            if sink.closed:
+                continue
+            sink.flush()
+            if sink.buffered() > limit:
+                sink.close(CloseReason.SLOW_CONSUMER)
+
+    def attach(self, sink: Sink) -> None:
+        """Track a connection that may have no subscription yet, so :meth:`close_all` reaches
+        it too."""
+        self.attached.add(sink)
+
+    def detach(self, sink: Sink) -> None:
+        self.attached.discard(sink)
+
+    def close_all(self, reason: CloseReason) -> None:
+        for sink in list(self.attached):
+            sink.close(reason)
+        for subscribers in list(self.channels.values()):
+            for subscription in list(subscribers):
+                subscription.sink.close(reason)
+
+    def count(self, channel: str) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for subscription in self.channels.get(channel, ()):
+            counts[subscription.transport] = counts.get(subscription.transport, 0) + 1
+        return counts

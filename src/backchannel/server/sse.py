@@ -1,0 +1,299 @@
+"""Server-sent events: ``GET /v1/channels/{channel}/events`` and ``GET /v1/events``.
+
+A stream is an ASGI response whose body never ends on its own. :class:`StreamSink` is the fan-out
+engine's view of it: the engine queues event bytes, and one writer coroutine per stream sends
+whatever has gathered in one ``http.response.body`` message, so a burst of messages costs one
+write. Flow control comes from the ASGI server: while the client does not read, ``send`` does not
+return, bytes pile up in the sink, and past ``max_outbound_bytes`` the engine cuts the stream.
+
+Heartbeats are sent by one timer for all streams (not one per stream): every ``sse_heartbeat``
+seconds, each stream that sent nothing for that long gets a comment line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+from ..core.channels import validate_channel
+from ..core.fanout import CloseReason, Subscription
+from ..core.messages import Message
+from ..wire import InvalidCursor, parse_id
+from ..wire.sse import CONTENT_TYPE, encode_comment, encode_retry
+from .asgi import Send
+from .http import Request
+from .problems import HTTPProblem
+
+log = logging.getLogger("backchannel.sse")
+
+HEARTBEAT = encode_comment("heartbeat")
+MAX_STREAM_CHANNELS = 64
+#: How long the last bytes of a stream that is being closed may take to go out.
+TAIL_TIMEOUT = 1.0
+
+
+def sse_frame(message: Message) -> bytes:
+    return message.sse
+
+
+class StreamSink:
+    """A :class:`~backchannel.core.fanout.Sink` writing to an ASGI response body."""
+
+    __slots__ = (
+        "_chunks",
+        "_drained",
+        "_in_flight",
+        "_send",
+        "_size",
+        "_task",
+        "_wake",
+        "close_reason",
+        "last_write",
+        "retry_ms",
+    )
+
+    def __init__(self, send: Send, retry_ms: int) -> None:
+        self._send = send
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._in_flight = 0
+        self._wake = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.close_reason: CloseReason | None = None
+        self.last_write = time.monotonic()
+        self.retry_ms = retry_ms
+
+    def write(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._size += len(data)
+
+    def flush(self) -> None:
+        if self._chunks:
+            self._wake.set()
+
+    def buffered(self) -> int:
+        return self._size + self._in_flight
+
+    async def drained(self) -> None:
+        while self.buffered() and self.close_reason is None:
+            self._drained.clear()
+            await self._drained.wait()
+
+    def close(self, reason: CloseReason) -> None:
+        if self.close_reason is None:
+            self.close_reason = reason
+            self._wake.set()
+            self._drained.set()
+            if self._in_flight and self._task is not None:
+                # Stuck in send() behind a client that does not read: stop waiting for it.
+                self._task.cancel()
+
+    @property
+    def closed(self) -> bool:
+        return self.close_reason is not None
+
+    async def run(self) -> None:
+        """Send what is queued until the sink is closed; then, unless the client is gone or
+        too slow, the stream's last bytes."""
+        self._task = asyncio.current_task()
+        try:
+            await self._send_until_closed()
+        except asyncio.CancelledError:
+            if self.close_reason is None:
+                raise  # cancelled from outside, not by close()
+            return
+        if self.close_reason in (CloseReason.UNSUBSCRIBED, CloseReason.SLOW_CONSUMER):
+            return
+        tail = b"".join(self._chunks)
+        if self.close_reason is CloseReason.SHUTTING_DOWN:
+            tail += encode_retry(self.retry_ms)  # tells the browser when to come back
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(TAIL_TIMEOUT):
+                if tail:
+                    await self._send(
+                        {"type": "http.response.body", "body": tail, "more_body": True}
+                    )
+                await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _send_until_closed(self) -> None:
+        send = self._send
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self.close_reason is not None:
+                break
+            if not self._chunks:
+                continue
+            data = b"".join(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
+            self._chunks = []
+            self._size = 0
+            self._in_flight = len(data)
+            self.last_write = time.monotonic()
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+            self._in_flight = 0
+            if not self._chunks:
+                self._drained.set()
+
+
+class Heartbeats:
+    """One timer that keeps every idle stream alive."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.sinks: set[StreamSink] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._beat())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            idle_since = time.monotonic() - self.interval * 0.9
+            for sink in self.sinks:
+                if sink.last_write < idle_since and not sink.buffered():
+                    sink.write(HEARTBEAT)
+                    sink.flush()
+
+
+def _cursor(value: str, what: str) -> int:
+    try:
+        return parse_id(value)
+    except InvalidCursor as exc:
+        raise HTTPProblem("invalid-cursor", f"{what}: {exc}") from None
+
+
+def _start_headers(request: Request) -> list[tuple[bytes, bytes]]:
+    headers = [
+        (b"content-type", CONTENT_TYPE + b"; charset=utf-8"),
+        (b"cache-control", b"no-cache"),
+        (b"x-accel-buffering", b"no"),
+    ]
+    origin = request.header(b"origin")
+    if origin is not None and request.app.origin_allowed(origin, request.header(b"host")):
+        headers.append((b"access-control-allow-origin", origin.encode("latin-1")))
+        headers.append((b"vary", b"origin"))
+    return headers
+
+
+async def _stream(request: Request, subscribe: Callable[[StreamSink], list[Subscription]]) -> None:
+    """Run one event stream: subscribe, send, and clean up however it ends."""
+    app = request.app
+    settings = app.settings
+    sink = StreamSink(request.send, int(settings.sse_retry * 1000))
+    subscriptions = subscribe(sink)  # may raise: still early enough for a problem response
+    request.streaming = True
+    app.heartbeats.sinks.add(sink)
+    watcher: asyncio.Task[None] | None = None
+    try:
+        await request.send(
+            {"type": "http.response.start", "status": 200, "headers": _start_headers(request)}
+        )
+        sink.write(encode_retry(sink.retry_ms))
+        sink.flush()
+        watcher = asyncio.get_running_loop().create_task(_watch_disconnect(request, sink))
+        await sink.run()
+    finally:
+        app.heartbeats.sinks.discard(sink)
+        for subscription in subscriptions:
+            app.hub.unsubscribe(subscription)
+        if watcher is not None:
+            watcher.cancel()
+    if sink.close_reason is CloseReason.SLOW_CONSUMER:
+        log.warning("cut a slow SSE consumer of %s", request.path)
+
+
+async def _watch_disconnect(request: Request, sink: StreamSink) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    # The client left: nothing more can be sent. UNSUBSCRIBED tells _stream not to end the body.
+    sink.close(CloseReason.UNSUBSCRIBED)
+
+
+async def channel_events(request: Request) -> None:
+    hub = request.app.hub
+    channel = validate_channel(request.params["channel"])
+    query = request.query()
+    last_event_id = request.header(b"last-event-id")
+    after: int | None = None
+    # A browser that reconnects sends Last-Event-ID and the URL it first used: the header is
+    # the newer position.
+    if last_event_id:
+        after = _cursor(last_event_id.strip(), "Last-Event-ID")
+    elif "after" in query:
+        after = _cursor(query["after"], "after")
+
+    def subscribe(sink: StreamSink) -> list[Subscription]:
+        return [hub.subscribe(channel, sink, sse_frame, transport="sse", after=after)]
+
+    await _stream(request, subscribe)
+
+
+def parse_positions(text: str) -> dict[str, int]:
+    """A multi-channel stream's composite id: ``channel=SEQ,channel=SEQ`` with SEQ in hex."""
+    positions: dict[str, int] = {}
+    for part in text.split(","):
+        name, sep, seq = part.rpartition("=")
+        if not sep:
+            raise HTTPProblem("invalid-cursor", f"{part[:60]!r} is not channel=ID")
+        positions[validate_channel(name)] = _cursor(seq, f"the position of {name}")
+    return positions
+
+
+def format_positions(positions: dict[str, int]) -> bytes:
+    return ",".join(f"{name}={seq:x}" for name, seq in positions.items()).encode()
+
+
+async def multi_events(request: Request) -> None:
+    hub = request.app.hub
+    channels = list(dict.fromkeys(request.query_all("channel")))
+    query = request.query(repeatable=frozenset({"channel"}))  # refuses other repetitions
+    if not channels:
+        raise HTTPProblem("invalid-parameter", "name at least one channel: ?channel=a&channel=b")
+    if len(channels) > MAX_STREAM_CHANNELS:
+        raise HTTPProblem(
+            "invalid-parameter", f"a stream carries at most {MAX_STREAM_CHANNELS} channels"
+        )
+    for channel in channels:
+        validate_channel(channel)
+    resume = request.header(b"last-event-id") or query.get("after")
+    given = parse_positions(resume) if resume else {}
+    # Every channel needs a position, so that the composite id can resume each of them: where
+    # none was given, the stream starts after the channel's current last message.
+    positions: dict[str, int] = {}
+    for channel in channels:
+        if channel in given:
+            positions[channel] = given[channel]
+        else:
+            positions[channel] = int((await hub.info(channel)).last_id, 16)
+
+    def frame(message: Message) -> bytes:
+        positions[message.channel] = message.seq
+        return b"id: " + format_positions(positions) + b"\n" + message.sse_data
+
+    def subscribe(sink: StreamSink) -> list[Subscription]:
+        made: list[Subscription] = []
+        try:
+            for channel in channels:
+                made.append(
+                    hub.subscribe(channel, sink, frame, transport="sse", after=positions[channel])
+                )
+        except BaseException:
+            for subscription in made:
+                hub.unsubscribe(subscription)
+            raise
+        return made
+
+    await _stream(request, subscribe)

@@ -1,0 +1,397 @@
+"""WebSocket endpoints: ``/v1/channels/{channel}/ws`` (one channel) and ``/v1/ws`` (multiplexed).
+
+Both run over the ASGI server's WebSocket support. :class:`SocketSink` is the fan-out engine's
+view of a connection: queued frames are sent by one writer coroutine, in order, so answers to
+commands and pushed messages never overtake each other. The protocol is documented in
+``docs/protocol.md``; close codes are in :data:`CLOSE_CODES`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import logging
+from typing import Any
+
+import orjson
+
+from ..core.channels import validate_channel
+from ..core.errors import BackchannelError, InvalidRequest, Unavailable
+from ..core.fanout import CloseReason, Subscription
+from ..core.messages import Message
+from ..wire import InvalidCursor, parse_id
+from ..wire.jsonfmt import format_time
+from .asgi import Send
+from .http import Request
+from .problems import PROBLEM_TYPES, HTTPProblem
+
+log = logging.getLogger("backchannel.websocket")
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
+CLOSE_INTERNAL_ERROR = 1011
+CLOSE_BAD_REQUEST = 4000
+CLOSE_SLOW_CONSUMER = 4008
+
+CLOSE_CODES = {
+    CloseReason.SHUTTING_DOWN: (CLOSE_GOING_AWAY, "the hub is shutting down"),
+    CloseReason.SLOW_CONSUMER: (CLOSE_SLOW_CONSUMER, "slow consumer"),
+    CloseReason.FAILED: (CLOSE_INTERNAL_ERROR, "internal error"),
+    CloseReason.UNSUBSCRIBED: (CLOSE_NORMAL, ""),
+}
+#: Publishes one connection may have in flight before the hub stops reading its frames.
+MAX_IN_FLIGHT = 64
+TAIL_TIMEOUT = 1.0
+
+
+def json_frame(message: Message) -> bytes:
+    return message.json
+
+
+def mux_frame(message: Message) -> bytes:
+    return message.mux_json
+
+
+class SocketSink:
+    """A :class:`~backchannel.core.fanout.Sink` writing text frames to an ASGI WebSocket."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self._frames: list[bytes] = []
+        self._size = 0
+        self._in_flight = 0
+        self._wake = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.close_reason: CloseReason | None = None
+
+    def write(self, data: bytes) -> None:
+        self._frames.append(data)
+        self._size += len(data)
+
+    def flush(self) -> None:
+        if self._frames:
+            self._wake.set()
+
+    def buffered(self) -> int:
+        return self._size + self._in_flight
+
+    async def drained(self) -> None:
+        while self.buffered() and self.close_reason is None:
+            self._drained.clear()
+            await self._drained.wait()
+
+    def close(self, reason: CloseReason) -> None:
+        if self.close_reason is None:
+            self.close_reason = reason
+            self._wake.set()
+            self._drained.set()
+            if self._in_flight and self._task is not None:
+                self._task.cancel()  # stuck behind a client that does not read
+
+    @property
+    def closed(self) -> bool:
+        return self.close_reason is not None
+
+    async def run(self) -> None:
+        """Send queued frames until the sink is closed, then the close frame."""
+        self._task = asyncio.current_task()
+        try:
+            await self._send_until_closed()
+        except asyncio.CancelledError:
+            if self.close_reason is None:
+                raise
+        reason = self.close_reason
+        if reason is None or reason is CloseReason.UNSUBSCRIBED:
+            return  # the client closed: the server already answered its close frame
+        code, text = CLOSE_CODES[reason]
+        with contextlib.suppress(TimeoutError, OSError, RuntimeError):
+            async with asyncio.timeout(TAIL_TIMEOUT):
+                await self._send({"type": "websocket.close", "code": code, "reason": text})
+
+    async def _send_until_closed(self) -> None:
+        send = self._send
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self.close_reason is not None:
+                return
+            frames, self._frames = self._frames, []
+            self._in_flight, self._size = self._size, 0
+            for frame in frames:
+                await send({"type": "websocket.send", "text": frame.decode()})
+                self._in_flight -= len(frame)
+            if not self._frames:
+                self._drained.set()
+
+
+async def _receive_until_closed(request: Request, sink: SocketSink) -> None:
+    """Read and drop what the client sends (the one-channel socket takes no commands)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "websocket.disconnect":
+            sink.close(CloseReason.UNSUBSCRIBED)
+            return
+
+
+async def _handshake(request: Request) -> bool:
+    """Take the connect event and check the origin. False: refused (and answered)."""
+    if (await request.receive())["type"] != "websocket.connect":
+        return False
+    origin = request.header(b"origin")
+    if origin is not None and not request.app.origin_allowed(origin, request.header(b"host")):
+        log.info("refused a WebSocket from origin %r", origin[:100])
+        await request.send({"type": "websocket.close", "code": CLOSE_POLICY})
+        return False
+    return True
+
+
+async def _serve(request: Request, sink: SocketSink, reader: Any) -> None:
+    """Run the writer and ``reader`` until either ends, then stop both."""
+    writer = asyncio.get_running_loop().create_task(sink.run())
+    try:
+        await reader
+    finally:
+        if sink.close_reason is None:
+            sink.close(CloseReason.UNSUBSCRIBED)
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
+
+
+async def channel_socket(request: Request) -> None:
+    if not await _handshake(request):
+        return
+    hub = request.app.hub
+    send = request.send
+    try:
+        channel = validate_channel(request.params["channel"])
+        after_text = request.query().get("after")
+        after = parse_id(after_text) if after_text is not None else None
+    except (InvalidRequest, InvalidCursor, HTTPProblem) as exc:
+        await send({"type": "websocket.accept"})
+        detail = getattr(exc, "detail", str(exc))
+        await send({"type": "websocket.close", "code": CLOSE_BAD_REQUEST, "reason": detail[:120]})
+        return
+    sink = SocketSink(send)
+    try:
+        subscription = hub.subscribe(channel, sink, json_frame, transport="ws", after=after)
+    except Unavailable:
+        await send({"type": "websocket.close", "code": CLOSE_GOING_AWAY})
+        return
+    try:
+        await send({"type": "websocket.accept"})
+        await _serve(request, sink, _receive_until_closed(request, sink))
+    finally:
+        hub.unsubscribe(subscription)
+
+
+class MuxSession:
+    """One ``/v1/ws`` connection: its subscriptions and the commands in flight."""
+
+    def __init__(self, request: Request, sink: SocketSink) -> None:
+        self.request = request
+        self.hub = request.app.hub
+        self.sink = sink
+        self.max_subscriptions = request.app.settings.max_subscriptions
+        self.subscriptions: dict[str, Subscription] = {}
+        self.publishing: set[asyncio.Task[None]] = set()
+        self.slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+
+    def reply(self, document: dict[str, Any]) -> None:
+        self.sink.write(orjson.dumps(document))
+        self.sink.flush()
+
+    def error(self, request_id: Any, slug: str, detail: str) -> None:
+        problem = PROBLEM_TYPES[slug]
+        self.reply(
+            {
+                "op": "error",
+                "id": request_id,
+                "type": problem.uri,
+                "title": problem.title,
+                "detail": detail,
+            }
+        )
+
+    async def read_commands(self) -> None:
+        receive = self.request.receive
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                self.sink.close(CloseReason.UNSUBSCRIBED)
+                return
+            raw = message.get("text")
+            if raw is None:
+                raw = message.get("bytes") or b""
+            try:
+                command = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                self.error(None, "malformed-json", f"a command is a JSON object: {exc}")
+                continue
+            if not isinstance(command, dict):
+                self.error(None, "invalid-command", "a command is a JSON object with an op")
+                continue
+            await self.handle(command)
+
+    async def handle(self, command: dict[str, Any]) -> None:
+        request_id = command.get("id")
+        if not isinstance(request_id, int | str) or isinstance(request_id, bool):
+            self.error(None, "invalid-command", "every command needs an id (number or string)")
+            return
+        op = command.get("op")
+        try:
+            if op == "subscribe":
+                self.subscribe(request_id, command)
+            elif op == "unsubscribe":
+                self.unsubscribe(request_id, command)
+            elif op == "publish":
+                await self.slots.acquire()
+                task = asyncio.get_running_loop().create_task(self.publish(request_id, command))
+                self.publishing.add(task)
+                task.add_done_callback(self._published)
+            elif op == "ping":
+                self.reply({"op": "pong", "id": request_id})
+            else:
+                self.error(request_id, "invalid-command", f"unknown op {str(op)[:40]!r}")
+        except HTTPProblem as problem:
+            self.error(request_id, problem.type.slug, problem.detail)
+        except BackchannelError as exc:
+            self.error(request_id, _slug(exc), exc.detail)
+
+    def _published(self, task: asyncio.Task[None]) -> None:
+        self.publishing.discard(task)
+        self.slots.release()
+
+    def _channel(self, command: dict[str, Any]) -> str:
+        channel = command.get("channel")
+        if not isinstance(channel, str):
+            raise HTTPProblem("invalid-command", "channel must be a string")
+        return validate_channel(channel)
+
+    def subscribe(self, request_id: Any, command: dict[str, Any]) -> None:
+        channel = self._channel(command)
+        after_text = command.get("after")
+        after = None
+        if after_text is not None:
+            if not isinstance(after_text, str):
+                raise HTTPProblem("invalid-cursor", "after must be a message id string")
+            try:
+                after = parse_id(after_text)
+            except InvalidCursor as exc:
+                raise HTTPProblem("invalid-cursor", str(exc)) from None
+        if channel in self.subscriptions:
+            raise HTTPProblem("already-subscribed", f"already subscribed to {channel}")
+        if len(self.subscriptions) >= self.max_subscriptions:
+            raise HTTPProblem(
+                "too-many-subscriptions",
+                f"a connection may subscribe to at most {self.max_subscriptions} channels",
+            )
+        # The answer is queued before the subscription can queue any message.
+        self.reply({"op": "ok", "id": request_id})
+        self.subscriptions[channel] = self.hub.subscribe(
+            channel, self.sink, mux_frame, transport="ws", after=after
+        )
+
+    def unsubscribe(self, request_id: Any, command: dict[str, Any]) -> None:
+        channel = self._channel(command)
+        subscription = self.subscriptions.pop(channel, None)
+        if subscription is None:
+            raise HTTPProblem("not-subscribed", f"not subscribed to {channel}")
+        self.hub.unsubscribe(subscription)
+        self.reply({"op": "ok", "id": request_id})
+
+    async def publish(self, request_id: Any, command: dict[str, Any]) -> None:
+        try:
+            channel = self._channel(command)
+            data, content_type = _publish_body(command)
+            key = command.get("idempotency_key")
+            if key is not None and not isinstance(key, str):
+                raise HTTPProblem("invalid-idempotency-key", "idempotency_key must be a string")
+            if len(data) > self.hub.limits.max_message_bytes:
+                raise HTTPProblem(
+                    "message-too-large",
+                    f"the message is larger than {self.hub.limits.max_message_bytes} bytes",
+                )
+            appended = await self.hub.publish(
+                channel, data, content_type=content_type, idempotency_key=key
+            )
+        except HTTPProblem as problem:
+            self.error(request_id, problem.type.slug, problem.detail)
+        except BackchannelError as exc:
+            self.error(request_id, _slug(exc), exc.detail)
+        else:
+            message = appended.message
+            self.reply(
+                {
+                    "op": "published",
+                    "id": request_id,
+                    "message_id": message.id,
+                    "time": format_time(message.time_ms),
+                }
+            )
+
+    def close(self) -> None:
+        for subscription in self.subscriptions.values():
+            self.hub.unsubscribe(subscription)
+        self.subscriptions.clear()
+        for task in self.publishing:
+            task.cancel()
+
+
+_DEFAULT_TYPES = {
+    "json": "application/json",
+    "text": "text/plain; charset=utf-8",
+    "base64": "application/octet-stream",
+}
+
+
+def _publish_body(command: dict[str, Any]) -> tuple[bytes, str]:
+    encoding = command.get("encoding", "json")
+    if encoding not in _DEFAULT_TYPES:
+        raise HTTPProblem("invalid-command", "encoding is json, text or base64")
+    if "data" not in command:
+        raise HTTPProblem("invalid-command", "publish needs data")
+    content_type = command.get("content_type", _DEFAULT_TYPES[encoding])
+    if not isinstance(content_type, str):
+        raise HTTPProblem("unsupported-media-type", "content_type must be a string")
+    value = command["data"]
+    if encoding == "json":
+        return orjson.dumps(value), content_type
+    if not isinstance(value, str):
+        raise HTTPProblem("invalid-command", f"with encoding {encoding}, data is a string")
+    if encoding == "text":
+        try:
+            return value.encode("utf-8"), content_type
+        except UnicodeEncodeError:
+            raise HTTPProblem("invalid-text", "data is not valid Unicode text") from None
+    try:
+        return base64.b64decode(value, validate=True), content_type
+    except binascii.Error:
+        raise HTTPProblem("invalid-command", "data is not valid base64") from None
+
+
+def _slug(exc: BackchannelError) -> str:
+    kind = exc.kind
+    return kind if kind in PROBLEM_TYPES else "internal-error"
+
+
+async def mux_socket(request: Request) -> None:
+    if not await _handshake(request):
+        return
+    hub = request.app.hub
+    sink = SocketSink(request.send)
+    try:
+        hub.attach(sink)  # so that shutdown closes it even while it has no subscription
+    except Unavailable:
+        await request.send({"type": "websocket.close", "code": CLOSE_GOING_AWAY})
+        return
+    session = MuxSession(request, sink)
+    try:
+        await request.send({"type": "websocket.accept"})
+        await _serve(request, sink, session.read_commands())
+    finally:
+        session.close()
+        hub.detach(sink)
