@@ -30,7 +30,6 @@ def _serve_parser(sub: Any) -> argparse.ArgumentParser:
         help="run the hub",
         description="Run the hub. Every flag can also be set with the environment variable "
         "shown; a flag wins over the variable.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     for f in fields(Settings):
         flag = "--" + f.name.replace("_", "-")

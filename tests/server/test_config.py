@@ -65,3 +65,11 @@ def test_every_setting_is_documented() -> None:
         if Settings.env_name(f.name) not in text or "--" + f.name.replace("_", "-") not in text
     ]
     assert not missing, f"docs/configuration.md does not mention {missing}"
+
+
+@pytest.mark.parametrize(
+    "env", [{"BACKCHANNEL_RETENTION_COUNT": "2000000000"}, {"BACKCHANNEL_RETENTION_AGE": "4e8"}]
+)
+def test_retention_settings_beyond_their_bounds_are_refused(env: dict[str, str]) -> None:
+    with pytest.raises(ValueError, match="retention"):
+        Settings.from_env(env)

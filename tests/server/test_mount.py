@@ -39,7 +39,8 @@ async def test_mounted_under_a_prefix() -> None:
         # Type and instance resolve against the host, so they carry the mount prefix.
         assert missing.json()["instance"] == "/hub/nowhere"
         assert missing.json()["type"] == "/hub/problems/not-found"
-        assert (await c.get(missing.json()["type"])).json()["status"] == 404
+        described = (await c.get(missing.json()["type"])).json()
+        assert (described["status"], described["type"]) == (404, "/hub/problems/not-found")
 
 
 async def test_starts_lazily_without_lifespan() -> None:

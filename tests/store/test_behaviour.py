@@ -314,3 +314,22 @@ async def test_sqlite_one_failing_write_does_not_fail_the_others_in_its_commit(
         assert await store.get_retention("a") == DEFAULT
     finally:
         await store.close()
+
+
+async def test_sqlite_a_failed_write_that_created_a_channel_forgets_it(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "hub.db", retention=DEFAULT)
+    await store.open()
+    try:
+        with pytest.raises(Unavailable):
+            await store.set_retention("x", max_count=2**64, max_age_ms=None)
+        await store.set_retention("y", max_count=5, max_age_ms=None)
+        await store.append("x", draft("for x"), now_ms=T0)
+        await store.append("y", draft("for y"), now_ms=T0)
+        assert [
+            m.data for m in await store.read("x", after=0, limit=9, max_bytes=1 << 20, now_ms=T0)
+        ] == [b"for x"]
+        assert [
+            m.data for m in await store.read("y", after=0, limit=9, max_bytes=1 << 20, now_ms=T0)
+        ] == [b"for y"]
+    finally:
+        await store.close()

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -22,11 +23,11 @@ class HubUnreachable(ClientError):
 
 class HubError(ClientError):
     def __init__(
-        self, status: int, problem: dict[str, Any], headers: dict[str, str] | None = None
+        self, status: int, problem: dict[str, Any], headers: Mapping[str, str] | None = None
     ) -> None:
         self.status = status
         self.problem = problem
-        self.headers = headers or {}  # e.g. Retry-After on 503
+        self.headers: Mapping[str, str] = headers or {}  # case-insensitive, e.g. Retry-After
         title = problem.get("title") or f"HTTP {status}"
         detail = problem.get("detail")
         super().__init__(f"{title}: {detail}" if detail else title)

@@ -117,7 +117,7 @@ class Client:
             raise HubError(
                 response.status_code,
                 problem if isinstance(problem, dict) else {},
-                dict(response.headers),
+                response.headers,
             )
         return response
 

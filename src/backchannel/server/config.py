@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..core.channels import Retention
+from ..core.errors import InvalidRequest
 from ..core.hub import Limits
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -121,6 +122,10 @@ class Settings:
             raise ValueError("max_wait must not be negative")
         if self.retention_age < 1:
             raise ValueError("retention_age must be at least 1 second")
+        try:
+            self.retention  # noqa: B018 - checks the bounds of the retention settings
+        except InvalidRequest as exc:
+            raise ValueError(f"retention_count or retention_age: {exc.detail}") from None
         if self.default_limit > self.max_limit:
             raise ValueError("default_limit must not exceed max_limit")
         for name in ("port", "tcp_port"):

@@ -58,7 +58,7 @@ async def problem_type(request: Request) -> Response:
     return json_response(
         200,
         {
-            "type": problem.uri,
+            "type": (request.scope.get("root_path") or "") + problem.uri,
             "title": problem.title,
             "status": problem.status,
             "description": problem.description,

@@ -74,7 +74,9 @@ _TYPES = [
         "invalid-retention",
         400,
         "Invalid retention",
-        "A retention policy has max_count >= 1 and max_age >= 1 second.",
+        "A retention policy has max_count between 1 and 1,000,000,000 and max_age between "
+        '1 second and 10 years; a PUT body is exactly {"retention": {...}} or '
+        '{"retention": null}.',
     ),
     ProblemType("not-found", 404, "Not found", "No route matches this path."),
     # Push protocols (docs/protocol.md): answers to WebSocket and TCP commands, and the reasons

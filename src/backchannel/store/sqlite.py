@@ -148,6 +148,7 @@ class SQLiteStore:
         self._channels: dict[str, _ChannelRow] = {}
         self._touched: dict[str, _ChannelRow] = {}
         self._appended: dict[str, list[Message]] = {}
+        self._created: list[str] = []  # channels the operation being applied created
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -271,6 +272,7 @@ class SQLiteStore:
                 # A savepoint per operation: one that fails takes only its own writes back,
                 # not those of the other callers sharing the commit.
                 conn.execute("SAVEPOINT op")
+                self._created = []
                 try:
                     result = op.fn(conn)
                 except BackchannelError as exc:  # refused before writing anything
@@ -278,6 +280,11 @@ class SQLiteStore:
                 except Exception as exc:
                     log.exception("a write failed; only its own operation is refused")
                     conn.execute("ROLLBACK TO op")
+                    # Channel rows it created are gone with the savepoint: forget them too,
+                    # or their ids would be handed to the next new channel.
+                    for name in self._created:
+                        self._channels.pop(name, None)
+                        touched.pop(name, None)
                     outcomes.append((op, None, Unavailable(f"the store could not write: {exc}")))
                 else:
                     outcomes.append((op, result, None))
@@ -333,6 +340,7 @@ class SQLiteStore:
             cursor = conn.execute("INSERT INTO channels (name) VALUES (?)", (name,))
             assert cursor.lastrowid is not None
             found = (cursor.lastrowid, 0, 0, None, None)
+            self._created.append(name)
         row = _ChannelRow(*found)
         self._channels[name] = row
         return row
