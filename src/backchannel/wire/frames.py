@@ -68,7 +68,8 @@ than ``max_frame + 4`` bytes ``next_event`` has not consumed, more than any one 
 it means the caller keeps feeding without draining. The buffer is therefore bounded by
 ``max_frame + 4`` plus one chunk. A length over ``max_frame`` is refused as soon as its four
 bytes arrive, so a peer cannot make us buffer an oversized body. The parser walks the buffer by
-offset through a memoryview and compacts it once per ``receive_data`` call, not once per frame.
+offset through one memoryview (kept between calls, released before the buffer changes size) and
+compacts the buffer once per ``receive_data`` call, not once per frame.
 """
 
 from __future__ import annotations
@@ -118,9 +119,8 @@ __all__ = [
 MAGIC: Final = b"BKCH"
 VERSIONS: Final[tuple[int, ...]] = (1,)
 DEFAULT_MAX_FRAME: Final = (1 << 20) + (64 << 10)
-MAX_U32: Final = (1 << 32) - 1
-MAX_U64: Final = (1 << 64) - 1
-MAX_STR: Final = (1 << 16) - 1
+_MAX_U32: Final = (1 << 32) - 1
+_MAX_STR: Final = (1 << 16) - 1
 _LENGTH_SIZE = 4  # the u32 length prefix, not counted in ``length``
 
 
@@ -310,20 +310,20 @@ def _str(value: str, name: str) -> bytes:
         raw = value.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise LocalProtocolError(f"{name} is not encodable as UTF-8: {exc}") from None
-    if len(raw) > MAX_STR:
-        raise LocalProtocolError(f"{name} is {len(raw)} bytes of UTF-8, over {MAX_STR}")
+    if len(raw) > _MAX_STR:
+        raise LocalProtocolError(f"{name} is {len(raw)} bytes of UTF-8, over {_MAX_STR}")
     return _U16.pack(len(raw)) + raw
 
 
 def _bytes_len(value: bytes, name: str) -> bytes:
-    if len(value) > MAX_U32:
-        raise LocalProtocolError(f"{name} is {len(value)} bytes, over {MAX_U32}")
+    if len(value) > _MAX_U32:
+        raise LocalProtocolError(f"{name} is {len(value)} bytes, over {_MAX_U32}")
     return _U32.pack(len(value))
 
 
 def _frame(code: int, *parts: bytes) -> bytes:
     length = 1 + sum(map(len, parts))
-    if length > MAX_U32:
+    if length > _MAX_U32:
         raise LocalProtocolError(f"a frame of {length} bytes", error_type="frame-too-large")
     return b"".join((_HEADER.pack(length, code), *parts))
 
@@ -609,8 +609,23 @@ TRANSITIONS: Final[dict[tuple[Role, State, _Move], State]] = {
 }
 
 
+def _rows() -> dict[tuple[Role, State], dict[_Move, State]]:
+    rows: dict[tuple[Role, State], dict[_Move, State]] = {}
+    for (sender, state, move), next_state in TRANSITIONS.items():
+        rows.setdefault((sender, state), {})[move] = next_state
+    return rows
+
+
+# TRANSITIONS by (role that sends, state): a connection keeps its state's two rows at hand,
+# so that a frame costs one dict lookup keyed by its class.
+_ROWS: Final = _rows()
+
+
 class Connection:
-    """One side of one connection, without I/O. ``role`` is the side we play."""
+    """One side of one connection, without I/O. ``role`` is the side we play; ``max_frame`` is
+    the largest ``length`` we accept (a server announces it in its WELCOME); ``versions`` are
+    the versions we speak (a client offers some of them, a server picks the highest in common).
+    """
 
     def __init__(
         self,
@@ -619,8 +634,8 @@ class Connection:
         max_frame: int = DEFAULT_MAX_FRAME,
         versions: tuple[int, ...] = VERSIONS,
     ) -> None:
-        if not 1 <= max_frame <= MAX_U32:
-            raise ValueError(f"max_frame must be between 1 and {MAX_U32}: {max_frame}")
+        if not 1 <= max_frame <= _MAX_U32:
+            raise ValueError(f"max_frame must be between 1 and {_MAX_U32}: {max_frame}")
         if not versions or not all(0 <= v <= 0xFF for v in versions):
             raise ValueError(f"versions must be a non-empty tuple of u8: {versions!r}")
         self._role = role
@@ -628,8 +643,8 @@ class Connection:
         self._readers = _READERS[role]
         self._max_frame = max_frame
         self._versions = tuple(versions)
-        self._state = State.AWAITING_HELLO
         self._buffer = bytearray()
+        self._view: memoryview | None = None  # over _buffer, released before it changes size
         self._pos = 0  # where next_event() resumes in _buffer
         self._eof = False
         self._error: RemoteProtocolError | None = None
@@ -637,6 +652,18 @@ class Connection:
         self._offered: tuple[int, ...] = ()  # the client's HELLO
         self._peer_max_frame: int | None = None  # the server's WELCOME, on the client
         self._said_goodbye = False  # the server sent its ERROR with request 0
+        self._enter(State.AWAITING_HELLO)
+
+    def _enter(self, state: State) -> None:
+        self._state = state
+        self._may_send = _ROWS.get((self._role, state), {})
+        self._may_receive = _ROWS.get((self._peer, state), {})
+        if state is State.CLOSED:  # nothing more will be parsed
+            if self._view is not None:
+                self._view.release()
+                self._view = None
+            self._buffer = bytearray()
+            self._pos = 0
 
     @property
     def role(self) -> Role:
@@ -685,8 +712,12 @@ class Connection:
                 f"{pending} bytes are waiting, more than a frame can take: "
                 "call next_event() until NEED_DATA before receive_data()"
             )
+        if self._view is not None:
+            self._view.release()
+            self._view = None
         if self._pos:
-            del buffer[: self._pos]  # cheap on a bytearray: its start just moves
+            # Cheap on a bytearray: its logical start moves (what is left is a partial frame).
+            del buffer[: self._pos]
             self._pos = 0
         buffer += data
 
@@ -714,29 +745,40 @@ class Connection:
                 reader = self._readers.get(code)
                 if reader is None:
                     raise self._fail(f"unknown frame type 0x{code:02x} from the {self._peer.value}")
+                view = self._view
+                if view is None:
+                    view = self._view = memoryview(buffer)
                 try:
-                    with memoryview(buffer) as view, view[pos + _LENGTH_SIZE + 1 : end] as body:
+                    with view[pos + _LENGTH_SIZE + 1 : end] as body:
                         frame = reader(body)
                 except (struct.error, UnicodeDecodeError, _Malformed) as exc:
                     name = FrameType(code).name
                     raise self._fail(f"malformed {name} frame: {exc}") from None
                 self._pos = end
-                self._received(frame)
+                if type(frame) is Error and frame.request == 0:
+                    move: _Move = ClosingError
+                else:
+                    move = type(frame)
+                next_state = self._may_receive.get(move)
+                if next_state is None:
+                    raise self._refuse(frame)
+                if next_state is not self._state:
+                    self._received(frame, next_state)
                 return frame
         if self._eof:
             if len(buffer) == pos:
-                self._close()
+                self._enter(State.CLOSED)
                 return CONNECTION_CLOSED
             raise self._fail("the connection closed in the middle of a frame")
         return NEED_DATA
 
-    def _received(self, frame: Frame) -> None:
-        move = _move(frame)
-        next_state = TRANSITIONS.get((self._peer, self._state, move))
-        if next_state is None:
-            if self._role is Role.SERVER and self._state is State.AWAITING_HELLO:
-                raise self._fail(f"{_NAMES[type(frame)]} before HELLO")
-            raise self._fail(f"{_describe(frame)} is not allowed in state {self._state.name}")
+    def _refuse(self, frame: Frame) -> RemoteProtocolError:
+        if self._role is Role.SERVER and self._state is State.AWAITING_HELLO:
+            return self._fail(f"{_NAMES[type(frame)]} before HELLO")
+        return self._fail(f"{_describe(frame)} is not allowed in state {self._state.name}")
+
+    def _received(self, frame: Frame, next_state: State) -> None:
+        """The handshake's checks, for a frame that changes the state."""
         if type(frame) is Hello:
             common = set(frame.versions).intersection(self._versions)
             if not common:
@@ -754,18 +796,10 @@ class Connection:
                 )
             self._version = frame.version
             self._peer_max_frame = frame.max_frame
-        if next_state is State.CLOSED:
-            self._close()
-        else:
-            self._state = next_state
-
-    def _close(self) -> None:
-        self._state = State.CLOSED
-        self._buffer = bytearray()
-        self._pos = 0
+        self._enter(next_state)
 
     def _fail(self, message: str, error_type: str = "protocol-error") -> RemoteProtocolError:
-        self._close()
+        self._enter(State.CLOSED)
         self._error = RemoteProtocolError(message, error_type=error_type)
         return self._error
 
@@ -776,7 +810,7 @@ class Connection:
         may not send now, or one out of range, raises :class:`LocalProtocolError` and changes
         nothing."""
         move = _move(frame)
-        next_state = TRANSITIONS.get((self._role, self._state, move))
+        next_state = self._may_send.get(move)
         if next_state is None:
             raise LocalProtocolError(
                 f"a {self._role.value} cannot send {_describe(frame)} in state {self._state.name}"
@@ -810,10 +844,7 @@ class Connection:
             self._offered = frame.versions
         elif move is ClosingError:
             self._said_goodbye = True
-        if next_state is State.CLOSED:
-            self._close()
-        else:
-            self._state = next_state
+        self._enter(next_state)
         return data
 
 
