@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from ..wire import format_id
+from ..wire.frames import encode_message as encode_tcp_message
 from ..wire.jsonfmt import encode_message
 from ..wire.sse import encode_event
 
@@ -45,6 +46,13 @@ class Message:
         if b"\n" in body or b"\r" in body:
             return encode_event(body.decode())
         return b"data: " + body + b"\n\n"
+
+    @cached_property
+    def tcp(self) -> bytes:
+        """The message as a MESSAGE frame of the TCP protocol."""
+        return encode_tcp_message(
+            self.channel, self.seq, self.time_ms, self.content_type, self.data
+        )
 
     @cached_property
     def mux_json(self) -> bytes:

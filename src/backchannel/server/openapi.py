@@ -136,36 +136,60 @@ def build(settings: Settings) -> dict[str, Any]:
         ("GET", "/v1/channels/{channel}/events"): {
             "parameters": [
                 channel,
-                {"name": "after", "in": "query", "required": False,
-                 "description": "Replay the messages after this id first. Without it (and "
-                                "without Last-Event-ID) the stream starts with the next message.",
-                 "schema": {"type": "string", "pattern": ID_PATTERN}},
-                {"name": "Last-Event-ID", "in": "header", "required": False,
-                 "description": "Sent by browsers when they reconnect; wins over after.",
-                 "schema": {"type": "string", "pattern": ID_PATTERN}},
+                {
+                    "name": "after",
+                    "in": "query",
+                    "required": False,
+                    "description": "Replay the messages after this id first. Without it (and "
+                    "without Last-Event-ID) the stream starts with the next message.",
+                    "schema": {"type": "string", "pattern": ID_PATTERN},
+                },
+                {
+                    "name": "Last-Event-ID",
+                    "in": "header",
+                    "required": False,
+                    "description": "Sent by browsers when they reconnect; wins over after.",
+                    "schema": {"type": "string", "pattern": ID_PATTERN},
+                },
             ],
             "responses": {
-                "200": {"description": "An endless text/event-stream: one event per message",
-                        "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                "200": {
+                    "description": "An endless text/event-stream: one event per message",
+                    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                },
                 **_problems("invalid-channel", "invalid-cursor", "unavailable"),
             },
         },
         ("GET", "/v1/events"): {
             "parameters": [
-                {"name": "channel", "in": "query", "required": True,
-                 "description": "A channel to stream; repeat for more (at most 64).",
-                 "schema": {"type": "array", "items": {"type": "string",
-                                                       "pattern": CHANNEL_PATTERN}},
-                 "style": "form", "explode": True},
-                {"name": "after", "in": "query", "required": False,
-                 "description": "Composite position channel=HEX,channel=HEX, as in event ids.",
-                 "schema": {"type": "string"}},
+                {
+                    "name": "channel",
+                    "in": "query",
+                    "required": True,
+                    "description": "A channel to stream; repeat for more (at most 64).",
+                    "schema": {
+                        "type": "array",
+                        "items": {"type": "string", "pattern": CHANNEL_PATTERN},
+                    },
+                    "style": "form",
+                    "explode": True,
+                },
+                {
+                    "name": "after",
+                    "in": "query",
+                    "required": False,
+                    "description": "Composite position channel=HEX,channel=HEX, as in event ids.",
+                    "schema": {"type": "string"},
+                },
             ],
             "responses": {
-                "200": {"description": "An endless text/event-stream of every named channel",
-                        "content": {"text/event-stream": {"schema": {"type": "string"}}}},
-                **_problems("invalid-channel", "invalid-cursor", "invalid-parameter",
-                            "unavailable"),
+                "200": {
+                    "description": "An endless text/event-stream of every named channel",
+                    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                },
+                **_problems(
+                    "invalid-channel", "invalid-cursor", "invalid-parameter", "unavailable"
+                ),
             },
         },
         ("GET", "/v1/channels/{channel}"): {

@@ -12,6 +12,7 @@ import uvicorn
 
 from .app import BackchannelApp
 from .config import Settings
+from .tcp import TcpServer
 
 log = logging.getLogger("backchannel")
 
@@ -19,23 +20,45 @@ GRACEFUL_SHUTDOWN_SECONDS = 5
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, telling the hub when shutdown starts so that long polls answer at
-    once instead of holding the process for up to their full wait."""
+    """uvicorn's server, with the TCP protocol's listener beside it, telling the hub when
+    shutdown starts so that long polls answer and streams end at once instead of holding the
+    process for up to their full wait."""
 
-    def __init__(self, config: uvicorn.Config, app: BackchannelApp, url: str) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        app: BackchannelApp,
+        banner: str,
+        tcp_socket: socket.socket | None,
+    ) -> None:
         super().__init__(config)
         self._app = app
-        self._url = url
+        self._banner = banner
+        self._tcp_socket = tcp_socket
+        self._tcp: TcpServer | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
-        if not self.should_exit:
-            # Tests and scripts wait for this line; keep its shape.
-            print(f"backchannel listening on {self._url}", flush=True)
+        if self.should_exit:
+            return
+        if self._tcp_socket is not None:
+            settings = self._app.settings
+            self._tcp = TcpServer(
+                self._app.hub,
+                max_message_bytes=settings.max_message_bytes,
+                max_subscriptions=settings.max_subscriptions,
+            )
+            await self._tcp.start(self._tcp_socket)
+        # Tests and scripts wait for this line; keep its shape.
+        print(f"backchannel listening on {self._banner}", flush=True)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self._tcp is not None:
+            self._tcp.stop_accepting()
         self._app.hub.begin_shutdown()
         await super().shutdown(sockets)
+        if self._tcp is not None:
+            await self._tcp.wait_closed()
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -63,6 +86,12 @@ def serve(settings: Settings) -> None:
     sock = _bind(settings.host, settings.port)
     port = sock.getsockname()[1]
     shown_host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    banner = f"http://{shown_host}:{port}"
+    tcp_socket = None
+    if settings.tcp:
+        tcp_socket = _bind(settings.host, settings.tcp_port)
+        banner += f" and tcp://{shown_host}:{tcp_socket.getsockname()[1]}"
+    banner += f" (store: {settings.store_url})"
     config = uvicorn.Config(
         app,
         lifespan="on",
@@ -77,7 +106,7 @@ def serve(settings: Settings) -> None:
         server_header=False,
         date_header=True,
     )
-    server = _Server(config, app, f"http://{shown_host}:{port} (store: {settings.store_url})")
+    server = _Server(config, app, banner, tcp_socket)
     # uvicorn re-raises the signal that stopped it once shutdown is done, with the handler that
     # was in place before it started; a no-op handler makes a graceful SIGTERM exit with 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
@@ -87,5 +116,7 @@ def serve(settings: Settings) -> None:
         pass
     finally:
         sock.close()
+        if tcp_socket is not None:
+            tcp_socket.close()
     if not server.started:
         sys.exit(3)

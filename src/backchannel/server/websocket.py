@@ -19,13 +19,14 @@ import orjson
 
 from ..core.channels import validate_channel
 from ..core.errors import BackchannelError, InvalidRequest, Unavailable
-from ..core.fanout import CloseReason, Subscription
+from ..core.fanout import CloseReason
 from ..core.messages import Message
 from ..wire import InvalidCursor, parse_id
 from ..wire.jsonfmt import format_time
 from .asgi import Send
 from .http import Request
 from .problems import PROBLEM_TYPES, HTTPProblem
+from .session import Session
 
 log = logging.getLogger("backchannel.websocket")
 
@@ -189,14 +190,18 @@ async def channel_socket(request: Request) -> None:
 
 
 class MuxSession:
-    """One ``/v1/ws`` connection: its subscriptions and the commands in flight."""
+    """One ``/v1/ws`` connection: JSON commands in, JSON answers and messages out."""
 
     def __init__(self, request: Request, sink: SocketSink) -> None:
         self.request = request
-        self.hub = request.app.hub
         self.sink = sink
-        self.max_subscriptions = request.app.settings.max_subscriptions
-        self.subscriptions: dict[str, Subscription] = {}
+        self.session = Session(
+            request.app.hub,
+            sink,
+            mux_frame,
+            transport="ws",
+            max_subscriptions=request.app.settings.max_subscriptions,
+        )
         self.publishing: set[asyncio.Task[None]] = set()
         self.slots = asyncio.Semaphore(MAX_IN_FLIGHT)
 
@@ -244,9 +249,13 @@ class MuxSession:
         op = command.get("op")
         try:
             if op == "subscribe":
-                self.subscribe(request_id, command)
+                after = _after(command.get("after"))
+                self.session.subscribe(
+                    _channel(command), after, lambda: self.reply({"op": "ok", "id": request_id})
+                )
             elif op == "unsubscribe":
-                self.unsubscribe(request_id, command)
+                self.session.unsubscribe(_channel(command))
+                self.reply({"op": "ok", "id": request_id})
             elif op == "publish":
                 await self.slots.acquire()
                 task = asyncio.get_running_loop().create_task(self.publish(request_id, command))
@@ -265,59 +274,13 @@ class MuxSession:
         self.publishing.discard(task)
         self.slots.release()
 
-    def _channel(self, command: dict[str, Any]) -> str:
-        channel = command.get("channel")
-        if not isinstance(channel, str):
-            raise HTTPProblem("invalid-command", "channel must be a string")
-        return validate_channel(channel)
-
-    def subscribe(self, request_id: Any, command: dict[str, Any]) -> None:
-        channel = self._channel(command)
-        after_text = command.get("after")
-        after = None
-        if after_text is not None:
-            if not isinstance(after_text, str):
-                raise HTTPProblem("invalid-cursor", "after must be a message id string")
-            try:
-                after = parse_id(after_text)
-            except InvalidCursor as exc:
-                raise HTTPProblem("invalid-cursor", str(exc)) from None
-        if channel in self.subscriptions:
-            raise HTTPProblem("already-subscribed", f"already subscribed to {channel}")
-        if len(self.subscriptions) >= self.max_subscriptions:
-            raise HTTPProblem(
-                "too-many-subscriptions",
-                f"a connection may subscribe to at most {self.max_subscriptions} channels",
-            )
-        # The answer is queued before the subscription can queue any message.
-        self.reply({"op": "ok", "id": request_id})
-        self.subscriptions[channel] = self.hub.subscribe(
-            channel, self.sink, mux_frame, transport="ws", after=after
-        )
-
-    def unsubscribe(self, request_id: Any, command: dict[str, Any]) -> None:
-        channel = self._channel(command)
-        subscription = self.subscriptions.pop(channel, None)
-        if subscription is None:
-            raise HTTPProblem("not-subscribed", f"not subscribed to {channel}")
-        self.hub.unsubscribe(subscription)
-        self.reply({"op": "ok", "id": request_id})
-
     async def publish(self, request_id: Any, command: dict[str, Any]) -> None:
         try:
-            channel = self._channel(command)
             data, content_type = _publish_body(command)
             key = command.get("idempotency_key")
             if key is not None and not isinstance(key, str):
                 raise HTTPProblem("invalid-idempotency-key", "idempotency_key must be a string")
-            if len(data) > self.hub.limits.max_message_bytes:
-                raise HTTPProblem(
-                    "message-too-large",
-                    f"the message is larger than {self.hub.limits.max_message_bytes} bytes",
-                )
-            appended = await self.hub.publish(
-                channel, data, content_type=content_type, idempotency_key=key
-            )
+            appended = await self.session.publish(_channel(command), data, content_type, key)
         except HTTPProblem as problem:
             self.error(request_id, problem.type.slug, problem.detail)
         except BackchannelError as exc:
@@ -334,11 +297,27 @@ class MuxSession:
             )
 
     def close(self) -> None:
-        for subscription in self.subscriptions.values():
-            self.hub.unsubscribe(subscription)
-        self.subscriptions.clear()
+        self.session.close()
         for task in self.publishing:
             task.cancel()
+
+
+def _channel(command: dict[str, Any]) -> str:
+    channel = command.get("channel")
+    if not isinstance(channel, str):
+        raise HTTPProblem("invalid-command", "channel must be a string")
+    return channel
+
+
+def _after(value: Any) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise HTTPProblem("invalid-cursor", "after must be a message id string")
+    try:
+        return parse_id(value)
+    except InvalidCursor as exc:
+        raise HTTPProblem("invalid-cursor", str(exc)) from None
 
 
 _DEFAULT_TYPES = {

@@ -1,0 +1,270 @@
+"""The raw TCP transport: the binary protocol of :mod:`backchannel.wire.frames` over asyncio.
+
+This is a thin adapter: :class:`TcpConnection` feeds received bytes to the sans-I/O
+:class:`~backchannel.wire.frames.Connection`, applies each command through a
+:class:`~.session.Session`, and is itself the fan-out engine's
+:class:`~backchannel.core.fanout.Sink`, writing straight to the transport. Flow control is the
+transport's: ``buffered()`` is what the kernel has not taken yet, and while too many publishes
+are in flight the connection stops reading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from typing import cast
+
+from .. import __version__
+from ..core.errors import BackchannelError, Unavailable
+from ..core.fanout import CloseReason
+from ..core.hub import Hub
+from ..core.messages import Message
+from ..wire import frames
+from ..wire.cursor import MAX_SEQ
+from .problems import PROBLEM_TYPES, HTTPProblem
+from .session import Session
+
+log = logging.getLogger("backchannel.tcp")
+
+SERVER_NAME = f"backchannel/{__version__}"
+#: Publishes in flight on one connection before it stops reading.
+MAX_IN_FLIGHT = 64
+
+
+def tcp_frame(message: Message) -> bytes:
+    return message.tcp
+
+
+class TcpConnection(asyncio.Protocol):
+    def __init__(self, server: TcpServer) -> None:
+        self.server = server
+        self.hub: Hub = server.hub
+        self.codec = frames.Connection(frames.Role.SERVER, max_frame=server.max_frame)
+        self.session = Session(
+            self.hub,
+            self,
+            tcp_frame,
+            transport="tcp",
+            max_subscriptions=server.max_subscriptions,
+        )
+        self.transport: asyncio.Transport | None = None
+        self.close_reason: CloseReason | None = None
+        self._out: list[bytes] = []
+        self._out_size = 0
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._publishing: set[asyncio.Task[None]] = set()
+        self._reading_paused = False
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport, but behave as one.
+        self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            self.hub.attach(self)
+        except Unavailable:
+            self.close(CloseReason.SHUTTING_DOWN)
+            return
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.close_reason is None:
+            self.close_reason = CloseReason.UNSUBSCRIBED
+        self.session.close()
+        self.hub.detach(self)
+        self.server.connections.discard(self)
+        for task in self._publishing:
+            task.cancel()
+        self._writable.set()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    def data_received(self, data: bytes) -> None:
+        if self.close_reason is not None:
+            return
+        codec = self.codec
+        try:
+            codec.receive_data(data)
+            while True:
+                event = codec.next_event()
+                if event is frames.NEED_DATA:
+                    break
+                if event is frames.CONNECTION_CLOSED:
+                    self.close(CloseReason.UNSUBSCRIBED)
+                    break
+                self._handle(event)
+        except frames.RemoteProtocolError as exc:
+            self._fail(exc.error_type, str(exc))
+        self.flush()
+
+    def eof_received(self) -> bool | None:
+        with contextlib.suppress(frames.ProtocolError):
+            self.codec.receive_data(b"")
+        return None  # close our side too
+
+    # -- commands -----------------------------------------------------------------------------
+
+    def _send(self, frame: frames.ServerFrame) -> None:
+        self.write(self.codec.send(frame))
+
+    def _handle(self, event: frames.Event) -> None:
+        if isinstance(event, frames.Hello):
+            assert self.codec.version is not None
+            self._send(
+                frames.Welcome(
+                    version=self.codec.version, max_frame=self.codec.max_frame, server=SERVER_NAME
+                )
+            )
+            return
+        request = getattr(event, "request", 0)
+        try:
+            if isinstance(event, frames.Subscribe):
+                if event.after is not None and event.after > MAX_SEQ:
+                    raise HTTPProblem("invalid-cursor", "after is beyond the largest message id")
+                self.session.subscribe(
+                    event.channel, event.after, lambda: self._send(frames.Ok(request=request))
+                )
+            elif isinstance(event, frames.Unsubscribe):
+                self.session.unsubscribe(event.channel)
+                self._send(frames.Ok(request=request))
+            elif isinstance(event, frames.Publish):
+                task = asyncio.get_running_loop().create_task(self._publish(event))
+                self._publishing.add(task)
+                task.add_done_callback(self._published)
+                if len(self._publishing) >= MAX_IN_FLIGHT and self.transport is not None:
+                    self.transport.pause_reading()
+                    self._reading_paused = True
+            elif isinstance(event, frames.Ping):
+                self._send(frames.Pong(request=request))
+        except HTTPProblem as problem:
+            self._error(request, problem.type.slug, problem.detail)
+        except BackchannelError as exc:
+            self._error(request, _slug(exc), exc.detail)
+
+    async def _publish(self, event: frames.Publish) -> None:
+        try:
+            appended = await self.session.publish(
+                event.channel, event.data, event.content_type, event.idempotency_key
+            )
+        except HTTPProblem as problem:
+            self._error(event.request, problem.type.slug, problem.detail)
+        except BackchannelError as exc:
+            self._error(event.request, _slug(exc), exc.detail)
+        else:
+            message = appended.message
+            if self.close_reason is None:
+                self._send(
+                    frames.Published(
+                        request=event.request, seq=message.seq, time_ms=message.time_ms
+                    )
+                )
+        self.flush()
+
+    def _published(self, task: asyncio.Task[None]) -> None:
+        self._publishing.discard(task)
+        if self._reading_paused and len(self._publishing) < MAX_IN_FLIGHT // 2:
+            self._reading_paused = False
+            if self.transport is not None and self.close_reason is None:
+                self.transport.resume_reading()
+
+    def _error(self, request: int, slug: str, detail: str) -> None:
+        if self.close_reason is None:
+            self._send(frames.Error(request=request, type=slug, detail=detail[:1000]))
+
+    def _fail(self, slug: str, detail: str) -> None:
+        """Report a connection-level error and close."""
+        with contextlib.suppress(frames.LocalProtocolError):
+            self.write(self.codec.send(frames.Error(request=0, type=slug, detail=detail[:1000])))
+        self.close(CloseReason.FAILED)
+
+    # -- Sink ---------------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        self._out.append(data)
+        self._out_size += len(data)
+
+    def flush(self) -> None:
+        if self._out and self.transport is not None and not self.transport.is_closing():
+            data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+            self._out = []
+            self._out_size = 0
+            self.transport.write(data)
+
+    def buffered(self) -> int:
+        pending = self.transport.get_write_buffer_size() if self.transport is not None else 0
+        return self._out_size + pending
+
+    async def drained(self) -> None:
+        while self.buffered() and self.close_reason is None:
+            await self._writable.wait()
+            if self.transport is None or self.transport.get_write_buffer_size() == 0:
+                return
+            await asyncio.sleep(0)
+
+    def close(self, reason: CloseReason) -> None:
+        if self.close_reason is not None:
+            return
+        self.close_reason = reason
+        transport = self.transport
+        if transport is None:
+            return
+        if reason is CloseReason.SLOW_CONSUMER:
+            # Its buffer is full; the ERROR frame goes out only if the client reads again soon.
+            self._out.clear()
+            self._fail_frame("slow-consumer", "fell more than max_outbound_bytes behind")
+            transport.abort()
+            return
+        if reason is CloseReason.SHUTTING_DOWN:
+            self._fail_frame("shutting-down", "the hub is stopping; reconnect and resume")
+        self.flush()
+        transport.close()
+
+    def _fail_frame(self, slug: str, detail: str) -> None:
+        with contextlib.suppress(frames.LocalProtocolError):
+            data = self.codec.send(frames.Error(request=0, type=slug, detail=detail))
+            if self.transport is not None:
+                self.transport.write(data)
+
+    @property
+    def closed(self) -> bool:
+        return self.close_reason is not None
+
+
+def _slug(exc: BackchannelError) -> str:
+    return exc.kind if exc.kind in PROBLEM_TYPES else "internal-error"
+
+
+class TcpServer:
+    """Listens for TCP connections and serves the binary protocol on them."""
+
+    def __init__(self, hub: Hub, *, max_message_bytes: int, max_subscriptions: int) -> None:
+        self.hub = hub
+        # Room for a message of max_message_bytes plus the fields around it.
+        self.max_frame = max(frames.DEFAULT_MAX_FRAME, max_message_bytes + 65_536)
+        self.max_subscriptions = max_subscriptions
+        self.connections: set[TcpConnection] = set()
+        self._server: asyncio.Server | None = None
+
+    async def start(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: TcpConnection(self), sock=sock)
+
+    def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def wait_closed(self) -> None:
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
