@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-LISTENING = re.compile(r"backchannel listening on (http://\S+)")
+LISTENING = re.compile(r"backchannel listening on (http://\S+)(?: and tcp://(\S+):(\d+))?")
 START_TIMEOUT = 30.0
 
 
@@ -27,6 +27,7 @@ class HubProcess:
         self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
+        self.tcp_port = 0
         self.starts = 0
 
     def start(self, *extra: str) -> HubProcess:
@@ -40,6 +41,8 @@ class HubProcess:
             "backchannel",
             "serve",
             "--port",
+            "0",
+            "--tcp-port",
             "0",
             "--data-dir",
             str(self.data_dir),
@@ -56,6 +59,7 @@ class HubProcess:
             found = LISTENING.search(self.out_path.read_text())
             if found:
                 self.url = found.group(1)
+                self.tcp_port = int(found.group(3)) if found.group(3) else 0
                 return self
             if self.proc.poll() is not None:
                 raise RuntimeError(f"hub exited with {self.proc.returncode}: {self.stderr()}")

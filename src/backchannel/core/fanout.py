@@ -260,6 +260,10 @@ class FanOut:
             for subscription in list(subscribers):
                 subscription.sink.close(reason)
 
+    def busy(self) -> bool:
+        """Are any connections still attached or subscribed?"""
+        return bool(self.attached or self.channels)
+
     def count(self, channel: str) -> dict[str, int]:
         counts: dict[str, int] = {}
         for subscription in self.channels.get(channel, ()):

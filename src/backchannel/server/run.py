@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import logging
 import signal
@@ -17,6 +18,7 @@ from .tcp import TcpServer
 log = logging.getLogger("backchannel")
 
 GRACEFUL_SHUTDOWN_SECONDS = 5
+PUSH_GOODBYE_SECONDS = 1.0
 
 
 class _Server(uvicorn.Server):
@@ -55,7 +57,13 @@ class _Server(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         if self._tcp is not None:
             self._tcp.stop_accepting()
-        self._app.hub.begin_shutdown()
+        hub = self._app.hub
+        hub.begin_shutdown()
+        # Let the streams send their own goodbyes (SSE retry:, WebSocket 1001) before uvicorn
+        # closes what is left with its generic ones.
+        deadline = asyncio.get_running_loop().time() + PUSH_GOODBYE_SECONDS
+        while hub.fanout.busy() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
         await super().shutdown(sockets)
         if self._tcp is not None:
             await self._tcp.wait_closed()

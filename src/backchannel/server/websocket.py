@@ -13,6 +13,7 @@ import base64
 import binascii
 import contextlib
 import logging
+from collections.abc import Coroutine
 from typing import Any
 
 import orjson
@@ -150,16 +151,22 @@ async def _handshake(request: Request) -> bool:
     return True
 
 
-async def _serve(request: Request, sink: SocketSink, reader: Any) -> None:
-    """Run the writer and ``reader`` until either ends, then stop both."""
-    writer = asyncio.get_running_loop().create_task(sink.run())
+async def _serve(sink: SocketSink, reader: Coroutine[Any, Any, None]) -> None:
+    """Run the writer and ``reader`` until either ends (the client left, or the hub closed
+    the sink: slow consumer, shutdown), then stop the other."""
+    loop = asyncio.get_running_loop()
+    tasks = {loop.create_task(sink.run()), loop.create_task(reader)}
     try:
-        await reader
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
         if sink.close_reason is None:
             sink.close(CloseReason.UNSUBSCRIBED)
-        with contextlib.suppress(asyncio.CancelledError):
-            await writer
+        reading = [t for t in tasks if t.get_coro() is reader]
+        for task in reading:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 async def channel_socket(request: Request) -> None:
@@ -184,7 +191,7 @@ async def channel_socket(request: Request) -> None:
         return
     try:
         await send({"type": "websocket.accept"})
-        await _serve(request, sink, _receive_until_closed(request, sink))
+        await _serve(sink, _receive_until_closed(request, sink))
     finally:
         hub.unsubscribe(subscription)
 
@@ -370,7 +377,7 @@ async def mux_socket(request: Request) -> None:
     session = MuxSession(request, sink)
     try:
         await request.send({"type": "websocket.accept"})
-        await _serve(request, sink, session.read_commands())
+        await _serve(sink, session.read_commands())
     finally:
         session.close()
         hub.detach(sink)

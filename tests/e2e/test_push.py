@@ -1,0 +1,186 @@
+"""One behaviour suite for every push transport, against a real hub process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+
+import httpx
+import pytest
+
+from backchannel.wire import frames as f
+
+from .conftest import HubProcess
+from .push_clients import CLIENTS, PushClient, SSEClient
+
+pytestmark = pytest.mark.e2e
+TRANSPORTS = sorted(CLIENTS)
+# A subscriber on the multiplexed WebSocket counts as "ws".
+COUNTED_AS = {"sse": "sse", "ws": "ws", "mux": "ws", "tcp": "tcp"}
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def client_for(transport: str, hub: HubProcess) -> PushClient:
+    return CLIENTS[transport](hub.url, hub.tcp_port)
+
+
+async def publish(http: httpx.AsyncClient, channel: str, texts: list[str]) -> list[str]:
+    ids = []
+    for text in texts:
+        response = await http.post(
+            f"/v1/channels/{channel}/messages",
+            content=text.encode(),
+            headers={"content-type": "text/plain"},
+        )
+        assert response.status_code == 201
+        ids.append(response.json()["id"])
+    return ids
+
+
+async def wait_for_subscribers(
+    http: httpx.AsyncClient, channel: str, transport: str, count: int
+) -> None:
+    for _ in range(500):
+        info = (await http.get(f"/v1/channels/{channel}")).json()
+        if info["subscribers"].get(COUNTED_AS[transport], 0) == count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{count} {transport} subscribers never showed: {info}")
+
+
+async def test_live_messages_arrive_in_order(hub: HubProcess, transport: str) -> None:
+    client = client_for(transport, hub)
+    async with httpx.AsyncClient(base_url=hub.url) as http:
+        await publish(http, "news", ["before"])  # history: not sent without a cursor
+        await client.connect("news")
+        await wait_for_subscribers(http, "news", transport, 1)
+        ids = await publish(http, "news", [f"m{i}" for i in range(30)])
+        received = await client.take(30)
+        await client.close()
+    assert received == [(i, f"m{n}") for n, i in enumerate(ids)]
+
+
+async def test_resume_after_disconnect_loses_and_repeats_nothing(
+    hub: HubProcess, transport: str
+) -> None:
+    async with httpx.AsyncClient(base_url=hub.url) as http:
+        history = await publish(http, "news", [f"h{i}" for i in range(10)])
+        first = client_for(transport, hub)
+        await first.connect("news", after="0")
+        seen = await first.take(10)
+        live = await publish(http, "news", [f"l{i}" for i in range(5)])
+        seen += await first.take(5)
+        await first.close()
+        missed = await publish(http, "news", [f"x{i}" for i in range(7)])
+        second = client_for(transport, hub)
+        await second.connect("news", after=seen[-1][0])
+        more = await publish(http, "news", ["after reconnect"])
+        seen += await second.take(8)
+        await second.close()
+    assert [i for i, _ in seen] == history + live + missed + more
+    assert seen[-1][1] == "after reconnect"
+
+
+async def test_replay_and_live_join_without_gap_while_publishing(
+    hub: HubProcess, transport: str
+) -> None:
+    total = 400
+    async with httpx.AsyncClient(base_url=hub.url) as http:
+
+        async def publisher(worker: int) -> None:
+            await publish(http, "race", [f"{worker}-{i}" for i in range(total // 4)])
+
+        publishers = [asyncio.create_task(publisher(w)) for w in range(4)]
+        while (await http.get("/v1/channels/race")).json()["last_id"] < "0000000000000032":
+            await asyncio.sleep(0.005)
+        client = client_for(transport, hub)
+        await client.connect("race", after="0")  # replay races the publishers
+        await asyncio.gather(*publishers)
+        received = await client.take(total)
+        await client.close()
+    assert [i for i, _ in received] == [f"{n:016x}" for n in range(1, total + 1)]
+
+
+def _stalled_socket(hub: HubProcess, transport: str) -> socket.socket:
+    """A subscriber that asks for messages and then never reads."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    if transport == "tcp":
+        sock.connect(("127.0.0.1", hub.tcp_port))
+        codec = f.Connection(f.Role.CLIENT)
+        sock.sendall(codec.send(f.Hello(versions=(1,))))
+        sock.sendall(f.encode(f.Subscribe(request=1, channel="flood", after=None)))
+        return sock
+    port = int(hub.url.rsplit(":", 1)[1])
+    sock.connect(("127.0.0.1", port))
+    if transport == "sse":
+        sock.sendall(b"GET /v1/channels/flood/events HTTP/1.1\r\nHost: x\r\n\r\n")
+    else:
+        path = b"/v1/ws" if transport == "mux" else b"/v1/channels/flood/ws"
+        sock.sendall(
+            b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        if transport == "mux":
+            time.sleep(0.2)
+            command = json.dumps({"op": "subscribe", "id": 1, "channel": "flood"}).encode()
+            mask = b"\x00\x00\x00\x00"
+            sock.sendall(bytes([0x81, 0x80 | len(command)]) + mask + command)
+    return sock
+
+
+async def test_slow_consumer_is_cut_off_and_others_keep_up(
+    hub_factory: type[HubProcess], transport: str
+) -> None:
+    hub = hub_factory("--max-outbound-bytes", "65536", "--store", "memory://").start()
+    count, size = 200, 32 * 1024  # 6.4 MB: more than the kernel's socket buffers absorb
+    async with httpx.AsyncClient(base_url=hub.url, timeout=30) as http:
+        stalled = _stalled_socket(hub, transport)
+        fast = client_for(transport, hub)
+        await fast.connect("flood")
+        await wait_for_subscribers(http, "flood", transport, 2)
+        consumer = asyncio.create_task(fast.take(count, timeout=60))
+        body = "x" * size
+        for i in range(count):
+            await publish(http, "flood", [f"{i:04d}{body}"])
+        received = await consumer
+        await wait_for_subscribers(http, "flood", transport, 1)  # the stalled one is gone
+        await fast.close()
+        stalled.close()
+    assert [text[:4] for _, text in received] == [f"{i:04d}" for i in range(count)]
+
+
+async def test_shutdown_ends_every_stream(hub: HubProcess) -> None:
+    clients = [client_for(t, hub) for t in TRANSPORTS]
+    async with httpx.AsyncClient(base_url=hub.url) as http:
+        for client in clients:
+            await client.connect("news")
+        for t in ("sse", "tcp"):
+            await wait_for_subscribers(http, "news", t, 1)
+        await wait_for_subscribers(http, "news", "ws", 2)
+        await publish(http, "news", ["last"])
+        readers = [asyncio.create_task(c.take(2, timeout=30)) for c in clients]
+        await asyncio.sleep(0.2)
+        began = time.monotonic()
+        hub.proc.terminate()  # type: ignore[union-attr]
+        results = await asyncio.gather(*readers)
+        ended_after = time.monotonic() - began
+    assert all(r == results[0] and len(r) == 1 for r in results)
+    by_transport = {c.transport: c.ended for c in clients}
+    assert by_transport == {
+        "sse": "stream ended",
+        "ws": "close 1001",
+        "mux": "close 1001",
+        "tcp": "shutting-down",
+    }
+    sse = next(c for c in clients if isinstance(c, SSEClient))
+    assert sse.retries == 2  # one when the stream opened, one telling the browser to come back
+    assert hub.proc.wait(15) == 0  # type: ignore[union-attr]
+    assert ended_after < 15  # a hang guard; docs/benchmarks.md reports the real time
