@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from backchannel.core import Draft, Message, IdempotencyKeyReused, Retention, Store, Unavailable
+from backchannel.core import Draft, IdempotencyKeyReused, Message, Retention, Store, Unavailable
 from backchannel.store import MemoryStore, SQLiteStore, StoreLocked
 
 DAY_MS = 86_400_000

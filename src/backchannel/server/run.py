@@ -62,7 +62,7 @@ class _Server(uvicorn.Server):
         # Let the streams send their own goodbyes (SSE retry:, WebSocket 1001) before uvicorn
         # closes what is left with its generic ones.
         deadline = asyncio.get_running_loop().time() + PUSH_GOODBYE_SECONDS
-        while hub.fanout.busy() and asyncio.get_running_loop().time() < deadline:
+        while hub.fanout.busy() and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.02)
         await super().shutdown(sockets)
         if self._tcp is not None:
