@@ -67,7 +67,6 @@ class Event:
     data: str
     event: str = "message"
     id: str = ""
-    retry: int | None = None
 
 
 class EventStreamTooLong(ValueError):
@@ -83,8 +82,8 @@ class EventParser:
         self._data: list[str] = []
         self._event = ""
         self._last_id = ""
-        self._retry: int | None = None
         self._ready: list[Event] = []
+        self._after_cr = False
         self.retry: int | None = None  # the reconnection time the stream asked for, if any
 
     @property
@@ -117,19 +116,24 @@ class EventParser:
     def _split_lines(self) -> None:
         buffer = self._buffer
         start = 0
+        if self._after_cr and buffer.startswith("\n"):
+            start = 1  # the LF of a CRLF split across two reads
+        self._after_cr = False
         while True:
-            positions = [p for p in (buffer.find("\r", start), buffer.find("\n", start)) if p >= 0]
-            if not positions:
+            cr = buffer.find("\r", start)
+            lf = buffer.find("\n", start)
+            if cr < 0 and lf < 0:
                 break
-            end = min(positions)
+            end = lf if cr < 0 or 0 <= lf < cr else cr
+            self._line(buffer[start:end])
             if buffer[end] == "\r":
                 if end + 1 == len(buffer):
-                    break  # a CR at the end may be the first half of CRLF: wait for more
-                step = 2 if buffer[end + 1] == "\n" else 1
+                    self._after_cr = True  # a CR ends the line at once; skip an LF that follows
+                    start = end + 1
+                    break
+                start = end + 2 if buffer[end + 1] == "\n" else end + 1
             else:
-                step = 1
-            self._line(buffer[start:end])
-            start = end + step
+                start = end + 1
         self._buffer = buffer[start:]
 
     def _line(self, line: str) -> None:
@@ -149,17 +153,14 @@ class EventParser:
             if "\0" not in value:
                 self._last_id = value
         elif name == "retry" and value.isascii() and value.isdigit():
-            self._retry = int(value)
-            self.retry = self._retry
+            self.retry = int(value)
 
     def _dispatch(self) -> None:
         if self._data:
-            self._ready.append(
-                Event("\n".join(self._data), self._event or "message", self._last_id, self._retry)
-            )
+            data = "\n".join(self._data)
+            self._ready.append(Event(data, self._event or "message", self._last_id))
         self._data = []
         self._event = ""
-        self._retry = None
 
     def events(self) -> list[Event]:
         """The events completed so far (each returned once)."""

@@ -1,0 +1,207 @@
+"""The fan-out engine with in-memory sinks and a scripted store."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from backchannel.core.fanout import MAX_SET_ASIDE, CloseReason, FanOut
+from backchannel.core.messages import Message
+
+
+def msg(seq: int, channel: str = "c") -> Message:
+    return Message(
+        channel=channel, seq=seq, time_ms=seq, content_type="text/plain", data=f"m{seq}".encode()
+    )
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.queued: list[bytes] = []
+        self.sent: list[bytes] = []
+        self.stuck = 0  # bytes a peer has not read
+        self.close_reason: CloseReason | None = None
+
+    def write(self, data: bytes) -> None:
+        self.queued.append(data)
+
+    def flush(self) -> None:
+        self.sent += self.queued
+        self.queued = []
+
+    def buffered(self) -> int:
+        return self.stuck + sum(map(len, self.queued))
+
+    async def drained(self) -> None:
+        return None
+
+    def close(self, reason: CloseReason) -> None:
+        self.close_reason = self.close_reason or reason
+
+    @property
+    def closed(self) -> bool:
+        return self.close_reason is not None
+
+    def seqs(self) -> list[int]:
+        return [int(frame.split(b":")[0]) for frame in self.sent + self.queued]
+
+
+def frame(message: Message) -> bytes:
+    return f"{message.seq}:".encode() + message.data
+
+
+class Store:
+    """History from 1 to ``last``; reads can be held to let live messages race them."""
+
+    def __init__(self, last: int = 0) -> None:
+        self.last = last
+        self.reads: list[tuple[int, int]] = []
+        self.gate: asyncio.Event | None = None
+
+    async def read(self, channel: str, after: int, limit: int) -> list[Message]:
+        self.reads.append((after, limit))
+        if self.gate is not None:
+            await self.gate.wait()
+        return [msg(s, channel) for s in range(after + 1, min(self.last, after + limit) + 1)]
+
+
+async def settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+async def test_live_delivery_in_order_and_coalesced() -> None:
+    engine = FanOut(Store().read)
+    sink = Sink()
+    engine.subscribe("c", sink, frame, transport="t", after=None)
+    engine.deliver("c", [msg(1), msg(2)])
+    engine.deliver("c", [msg(3)])
+    assert sink.sent == []  # nothing is written per message: one flush per loop turn
+    await settle()
+    assert sink.seqs() == [1, 2, 3]
+
+
+async def test_each_message_is_encoded_once_for_all_subscribers() -> None:
+    engine = FanOut(Store().read)
+    sinks = [Sink() for _ in range(100)]
+    for sink in sinks:
+        engine.subscribe("c", sink, lambda m: m.sse, transport="sse", after=None)
+    engine.deliver("c", [msg(1)])
+    await settle()
+    first = sinks[0].sent[0]
+    assert all(sink.sent == [first] and sink.sent[0] is first for sink in sinks)
+
+
+async def test_duplicates_are_skipped() -> None:
+    engine = FanOut(Store().read)
+    sink = Sink()
+    engine.subscribe("c", sink, frame, transport="t", after=None)
+    engine.deliver("c", [msg(1), msg(2)])
+    engine.deliver("c", [msg(2), msg(3)])
+    await settle()
+    assert sink.seqs() == [1, 2, 3]
+
+
+async def test_a_gap_is_filled_from_the_store() -> None:
+    store = Store(last=5)
+    engine = FanOut(store.read)
+    sink = Sink()
+    engine.subscribe("c", sink, frame, transport="t", after=None)
+    engine.deliver("c", [msg(1)])
+    engine.deliver("c", [msg(4), msg(5)])  # 2 and 3 never announced
+    await settle()
+    assert sink.seqs() == [1, 2, 3, 4, 5]
+    assert store.reads[0][0] == 1
+
+
+async def test_replay_then_live_join_at_the_seam() -> None:
+    store = Store(last=3)
+    store.gate = asyncio.Event()
+    engine = FanOut(store.read)
+    sink = Sink()
+    engine.subscribe("c", sink, frame, transport="t", after=0)
+    await settle()
+    # Published while the replay read is in flight; 3 is both in the read and announced.
+    engine.deliver("c", [msg(3), msg(4)])
+    engine.deliver("c", [msg(5)])
+    store.gate.set()
+    await settle()
+    assert sink.seqs() == [1, 2, 3, 4, 5]
+
+
+async def test_replay_reads_again_when_live_messages_are_beyond_its_snapshot() -> None:
+    store = Store(last=2)
+    store.gate = asyncio.Event()
+    engine = FanOut(store.read)
+    sink = Sink()
+    engine.subscribe("c", sink, frame, transport="t", after=0)
+    await settle()
+    engine.deliver("c", [msg(4)])  # 3 was committed after the snapshot but not announced yet
+    store.last = 4
+    store.gate.set()
+    await settle()
+    assert sink.seqs()[:2] == [1, 2]
+    # The first read stopped at its snapshot (2); the set-aside 4 left a gap: read again.
+    assert sink.seqs() == [1, 2, 3, 4]
+
+
+async def test_set_aside_overflow_falls_back_to_the_store() -> None:
+    store = Store(last=1)
+    store.gate = asyncio.Event()
+    engine = FanOut(store.read)
+    sink = Sink()
+    engine.subscribe("c", sink, frame, transport="t", after=0)
+    await settle()
+    flood = [msg(s) for s in range(2, MAX_SET_ASIDE + 10)]
+    engine.deliver("c", flood)
+    store.last = flood[-1].seq
+    store.gate.set()
+    await settle()
+    for _ in range(100):
+        if len(sink.seqs()) == store.last:
+            break
+        await asyncio.sleep(0)
+    assert sink.seqs() == list(range(1, store.last + 1))
+
+
+async def test_slow_consumer_is_closed_others_are_not() -> None:
+    engine = FanOut(Store().read, max_outbound_bytes=100)
+    slow, fast = Sink(), Sink()
+    engine.subscribe("c", slow, frame, transport="t", after=None)
+    engine.subscribe("c", fast, frame, transport="t", after=None)
+    slow.stuck = 1000
+    engine.deliver("c", [msg(1)])
+    await settle()
+    assert slow.close_reason is CloseReason.SLOW_CONSUMER
+    assert fast.close_reason is None and fast.seqs() == [1]
+
+
+async def test_close_all_reaches_attached_and_subscribed_sinks() -> None:
+    engine = FanOut(Store().read)
+    idle, subscribed = Sink(), Sink()
+    engine.attach(idle)
+    engine.subscribe("c", subscribed, frame, transport="t", after=None)
+    assert engine.busy()
+    engine.close_all(CloseReason.SHUTTING_DOWN)
+    assert idle.close_reason is subscribed.close_reason is CloseReason.SHUTTING_DOWN
+
+
+async def test_unsubscribe_stops_delivery_and_counts() -> None:
+    engine = FanOut(Store().read)
+    sink = Sink()
+    subscription = engine.subscribe("c", sink, frame, transport="sse", after=None)
+    assert engine.count("c") == {"sse": 1}
+    engine.unsubscribe(subscription)
+    engine.deliver("c", [msg(1)])
+    await settle()
+    assert sink.sent == [] and engine.count("c") == {} and not engine.busy()
+
+
+@pytest.mark.parametrize("after", [0, 2])
+async def test_replay_starts_after_the_cursor(after: int) -> None:
+    engine = FanOut(Store(last=4).read)
+    sink = Sink()
+    engine.subscribe("c", sink, frame, transport="t", after=after)
+    await settle()
+    assert sink.seqs() == list(range(after + 1, 5))
