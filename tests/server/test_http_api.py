@@ -330,3 +330,11 @@ async def test_websocket_to_an_unknown_path_is_refused(app: BackchannelApp) -> N
 
     await app({"type": "websocket", "path": "/v1/nowhere", "headers": []}, receive, send)
     assert sent == [{"type": "websocket.close", "code": 1008}]
+
+
+async def test_event_stream_from_a_foreign_origin_is_refused(client: httpx.AsyncClient) -> None:
+    response = await client.get(
+        "/v1/channels/news/events", headers={"origin": "http://elsewhere.example"}
+    )
+    assert_problem(response, 403, "origin-not-allowed")
+    assert (await client.get("/v1/channels/news")).json()["subscribers"] == {}

@@ -9,6 +9,7 @@ from ..wire import format_id
 from ..wire.frames import encode_message as encode_tcp_message
 from ..wire.jsonfmt import encode_message
 from ..wire.sse import encode_event
+from ..wire.ws import text_frame
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,6 +59,16 @@ class Message:
     def mux_json(self) -> bytes:
         """The message as pushed on the multiplexed WebSocket."""
         return b'{"op":"message","message":' + self.json + b"}"
+
+    @cached_property
+    def ws_frame(self) -> bytes:
+        """:attr:`json` as a whole WebSocket text frame, for direct writes."""
+        return text_frame(self.json)
+
+    @cached_property
+    def mux_ws_frame(self) -> bytes:
+        """:attr:`mux_json` as a whole WebSocket text frame, for direct writes."""
+        return text_frame(self.mux_json)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -71,6 +71,11 @@ class Settings:
         "comma-separated origins whose browser pages may open WebSockets and event streams "
         "(* for any); same-origin pages are always allowed",
     )
+    direct_writes: bool = _setting(
+        True,
+        "under uvicorn, write pushed SSE chunks straight to the connection instead of through "
+        "ASGI send (same bytes, less CPU per message)",
+    )
     tcp: bool = _setting(True, "serve the raw TCP protocol")
     tcp_port: int = _setting(7000, "TCP port for the binary protocol (0 picks a free one)")
     log_level: str = _setting("info", "log level", choices=LOG_LEVELS)

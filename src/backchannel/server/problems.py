@@ -146,6 +146,13 @@ _TYPES = [
         "The path exists but does not take this method; see the Allow header.",
     ),
     ProblemType(
+        "origin-not-allowed",
+        403,
+        "Origin not allowed",
+        "A browser page from another origin asked for an event stream; list its origin in "
+        "allowed_origins to let it.",
+    ),
+    ProblemType(
         "idempotency-key-reused",
         422,
         "Idempotency-Key reused",

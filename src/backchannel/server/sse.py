@@ -24,6 +24,7 @@ from ..core.messages import Message
 from ..wire import InvalidCursor, parse_id
 from ..wire.sse import CONTENT_TYPE, encode_comment, encode_retry
 from .asgi import Send
+from .fastpath import direct_transport
 from .http import Request
 from .problems import HTTPProblem
 
@@ -40,7 +41,13 @@ def sse_frame(message: Message) -> bytes:
 
 
 class StreamSink:
-    """A :class:`~backchannel.core.fanout.Sink` writing to an ASGI response body."""
+    """A :class:`~backchannel.core.fanout.Sink` writing to an ASGI response body.
+
+    Until :meth:`start` it only queues. Then it either sends through ASGI ``send`` from its
+    writer coroutine (:meth:`run`), or, when :func:`.fastpath.direct_transport` finds the
+    connection's transport, writes HTTP chunks to it from :meth:`flush` itself, with no
+    coroutine switch per message.
+    """
 
     __slots__ = (
         "_chunks",
@@ -48,7 +55,9 @@ class StreamSink:
         "_in_flight",
         "_send",
         "_size",
+        "_started",
         "_task",
+        "_transport",
         "_wake",
         "close_reason",
         "last_write",
@@ -60,6 +69,8 @@ class StreamSink:
         self._chunks: list[bytes] = []
         self._size = 0
         self._in_flight = 0
+        self._started = False
+        self._transport: asyncio.Transport | None = None
         self._wake = asyncio.Event()
         self._drained = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -67,30 +78,58 @@ class StreamSink:
         self.last_write = time.monotonic()
         self.retry_ms = retry_ms
 
+    def start(self, transport: asyncio.Transport | None) -> None:
+        """The response has started: flushes may send from now on, directly to ``transport``
+        if there is one."""
+        self._started = True
+        self._transport = transport
+
     def write(self, data: bytes) -> None:
         self._chunks.append(data)
         self._size += len(data)
 
     def flush(self) -> None:
-        if self._chunks:
+        if not self._chunks or not self._started or self.close_reason is not None:
+            return
+        transport = self._transport
+        if transport is None:
             self._wake.set()
+            return
+        chunks = self._chunks
+        self._chunks = []
+        size, self._size = self._size, 0
+        if transport.is_closing():
+            return
+        chunks.insert(0, b"%x\r\n" % size)
+        chunks.append(b"\r\n")
+        transport.writelines(chunks)
+        self.last_write = time.monotonic()
 
     def buffered(self) -> int:
+        if self._transport is not None:
+            return self._size + self._transport.get_write_buffer_size()
         return self._size + self._in_flight
 
     async def drained(self) -> None:
+        if self._transport is not None:
+            # An empty body through the server's own send() waits out its flow control.
+            await self._send({"type": "http.response.body", "body": b"", "more_body": True})
+            return
         while self.buffered() and self.close_reason is None:
             self._drained.clear()
             await self._drained.wait()
 
     def close(self, reason: CloseReason) -> None:
-        if self.close_reason is None:
-            self.close_reason = reason
-            self._wake.set()
-            self._drained.set()
-            if self._in_flight and self._task is not None:
-                # Stuck in send() behind a client that does not read: stop waiting for it.
-                self._task.cancel()
+        if self.close_reason is not None:
+            return
+        self.close_reason = reason
+        self._wake.set()
+        self._drained.set()
+        if reason is CloseReason.SLOW_CONSUMER and self._transport is not None:
+            self._transport.abort()  # its buffer is full: nothing more would get through
+        elif self._in_flight and self._task is not None:
+            # Stuck in send() behind a client that does not read: stop waiting for it.
+            self._task.cancel()
 
     @property
     def closed(self) -> bool:
@@ -106,7 +145,10 @@ class StreamSink:
             if self.close_reason is None:
                 raise  # cancelled from outside, not by close()
             return
-        if self.close_reason in (CloseReason.UNSUBSCRIBED, CloseReason.SLOW_CONSUMER):
+        if self.close_reason is CloseReason.SLOW_CONSUMER:
+            await asyncio.sleep(0)  # let the server see the aborted connection before we return
+            return
+        if self.close_reason is CloseReason.UNSUBSCRIBED:
             return
         tail = b"".join(self._chunks)
         if self.close_reason is CloseReason.SHUTTING_DOWN:
@@ -176,13 +218,20 @@ def _cursor(value: str, what: str) -> int:
 
 
 def _start_headers(request: Request) -> list[tuple[bytes, bytes]]:
+    """The stream's headers; a browser page from an origin not allowed gets a 403 instead of
+    a stream it could not read anyway."""
     headers = [
         (b"content-type", CONTENT_TYPE + b"; charset=utf-8"),
         (b"cache-control", b"no-cache"),
         (b"x-accel-buffering", b"no"),
     ]
     origin = request.header(b"origin")
-    if origin is not None and request.app.origin_allowed(origin, request.header(b"host")):
+    if origin is not None:
+        if not request.app.origin_allowed(origin, request.header(b"host")):
+            raise HTTPProblem(
+                "origin-not-allowed",
+                f"pages from {origin[:100]!r} may not open streams here (see allowed_origins)",
+            )
         headers.append((b"access-control-allow-origin", origin.encode("latin-1")))
         headers.append((b"vary", b"origin"))
     return headers
@@ -192,17 +241,19 @@ async def _stream(request: Request, subscribe: Callable[[StreamSink], list[Subsc
     """Run one event stream: subscribe, send, and clean up however it ends."""
     app = request.app
     settings = app.settings
+    headers = _start_headers(request)
     sink = StreamSink(request.send, int(settings.sse_retry * 1000))
     subscriptions = subscribe(sink)  # may raise: still early enough for a problem response
     request.streaming = True
     app.heartbeats.sinks.add(sink)
     watcher: asyncio.Task[None] | None = None
     try:
+        await request.send({"type": "http.response.start", "status": 200, "headers": headers})
         await request.send(
-            {"type": "http.response.start", "status": 200, "headers": _start_headers(request)}
+            {"type": "http.response.body", "body": encode_retry(sink.retry_ms), "more_body": True}
         )
-        sink.write(encode_retry(sink.retry_ms))
-        sink.flush()
+        sink.start(direct_transport(request.send) if app.settings.direct_writes else None)
+        sink.flush()  # what a replay queued meanwhile
         watcher = asyncio.get_running_loop().create_task(_watch_disconnect(request, sink))
         await sink.run()
     finally:

@@ -24,7 +24,9 @@ from ..core.fanout import CloseReason
 from ..core.messages import Message
 from ..wire import InvalidCursor, parse_id
 from ..wire.jsonfmt import format_time
+from ..wire.ws import text_frame
 from .asgi import Send
+from .fastpath import direct_ws_transport
 from .http import Request
 from .problems import PROBLEM_TYPES, HTTPProblem
 from .session import Session
@@ -47,21 +49,37 @@ CLOSE_CODES = {
 #: Publishes one connection may have in flight before the hub stops reading its frames.
 MAX_IN_FLIGHT = 64
 TAIL_TIMEOUT = 1.0
+DRAIN_POLL = 0.005
 
 
-def json_frame(message: Message) -> bytes:
+def json_payload(message: Message) -> bytes:
     return message.json
 
 
-def mux_frame(message: Message) -> bytes:
+def json_ws_frame(message: Message) -> bytes:
+    return message.ws_frame
+
+
+def mux_payload(message: Message) -> bytes:
     return message.mux_json
 
 
-class SocketSink:
-    """A :class:`~backchannel.core.fanout.Sink` writing text frames to an ASGI WebSocket."""
+def mux_ws_frame(message: Message) -> bytes:
+    return message.mux_ws_frame
 
-    def __init__(self, send: Send) -> None:
+
+class SocketSink:
+    """A :class:`~backchannel.core.fanout.Sink` writing text frames to an ASGI WebSocket.
+
+    By default a writer coroutine sends each queued payload through ASGI ``send``. When
+    :func:`.fastpath.direct_ws_transport` finds the connection's transport, the sink is
+    *direct*: what is queued are whole frames (a message's is encoded once, see
+    :attr:`~backchannel.core.messages.Message.ws_frame`), and :meth:`flush` writes them itself.
+    """
+
+    def __init__(self, send: Send, transport: asyncio.Transport | None = None) -> None:
         self._send = send
+        self._transport = transport
         self._frames: list[bytes] = []
         self._size = 0
         self._in_flight = 0
@@ -70,18 +88,42 @@ class SocketSink:
         self._task: asyncio.Task[None] | None = None
         self.close_reason: CloseReason | None = None
 
+    @property
+    def direct(self) -> bool:
+        return self._transport is not None
+
     def write(self, data: bytes) -> None:
+        """Queue a payload, or in a direct sink a whole frame."""
         self._frames.append(data)
         self._size += len(data)
 
+    def write_text(self, payload: bytes) -> None:
+        """Queue a payload, framing it if the sink is direct."""
+        self.write(text_frame(payload) if self._transport is not None else payload)
+
     def flush(self) -> None:
-        if self._frames:
+        if not self._frames or self.close_reason is not None:
+            return
+        transport = self._transport
+        if transport is None:
             self._wake.set()
+            return
+        frames, self._frames = self._frames, []
+        self._size = 0
+        if not transport.is_closing():
+            transport.writelines(frames)
 
     def buffered(self) -> int:
+        if self._transport is not None:
+            return self._size + self._transport.get_write_buffer_size()
         return self._size + self._in_flight
 
     async def drained(self) -> None:
+        if self._transport is not None:
+            # The ASGI server's flow control is not ours to wait on: look now and then.
+            while self._transport.get_write_buffer_size() and self.close_reason is None:  # noqa: ASYNC110
+                await asyncio.sleep(DRAIN_POLL)
+            return
         while self.buffered() and self.close_reason is None:
             self._drained.clear()
             await self._drained.wait()
@@ -91,7 +133,9 @@ class SocketSink:
             self.close_reason = reason
             self._wake.set()
             self._drained.set()
-            if self._in_flight and self._task is not None:
+            if reason is CloseReason.SLOW_CONSUMER and self._transport is not None:
+                self._transport.abort()  # its buffer is full: no close frame would get through
+            elif self._in_flight and self._task is not None:
                 self._task.cancel()  # stuck behind a client that does not read
 
     @property
@@ -109,6 +153,9 @@ class SocketSink:
         reason = self.close_reason
         if reason is None or reason is CloseReason.UNSUBSCRIBED:
             return  # the client closed: the server already answered its close frame
+        if reason is CloseReason.SLOW_CONSUMER and self._transport is not None:
+            await asyncio.sleep(0)  # aborted: let the server see the connection go
+            return
         code, text = CLOSE_CODES[reason]
         with contextlib.suppress(TimeoutError, OSError, RuntimeError):
             async with asyncio.timeout(TAIL_TIMEOUT):
@@ -183,17 +230,24 @@ async def channel_socket(request: Request) -> None:
         detail = getattr(exc, "detail", str(exc))
         await send({"type": "websocket.close", "code": CLOSE_BAD_REQUEST, "reason": detail[:120]})
         return
-    sink = SocketSink(send)
+    await send({"type": "websocket.accept"})
+    sink = _sink(request)
+    encode = json_ws_frame if sink.direct else json_payload
     try:
-        subscription = hub.subscribe(channel, sink, json_frame, transport="ws", after=after)
+        subscription = hub.subscribe(channel, sink, encode, transport="ws", after=after)
     except Unavailable:
         await send({"type": "websocket.close", "code": CLOSE_GOING_AWAY})
         return
     try:
-        await send({"type": "websocket.accept"})
         await _serve(sink, _receive_until_closed(request, sink))
     finally:
         hub.unsubscribe(subscription)
+
+
+def _sink(request: Request) -> SocketSink:
+    """A sink for an accepted WebSocket: direct when the server allows it."""
+    direct = direct_ws_transport(request.send) if request.app.settings.direct_writes else None
+    return SocketSink(request.send, direct)
 
 
 class MuxSession:
@@ -205,7 +259,7 @@ class MuxSession:
         self.session = Session(
             request.app.hub,
             sink,
-            mux_frame,
+            mux_ws_frame if sink.direct else mux_payload,
             transport="ws",
             max_subscriptions=request.app.settings.max_subscriptions,
         )
@@ -213,7 +267,7 @@ class MuxSession:
         self.slots = asyncio.Semaphore(MAX_IN_FLIGHT)
 
     def reply(self, document: dict[str, Any]) -> None:
-        self.sink.write(orjson.dumps(document))
+        self.sink.write_text(orjson.dumps(document))
         self.sink.flush()
 
     def error(self, request_id: Any, slug: str, detail: str) -> None:
@@ -368,7 +422,8 @@ async def mux_socket(request: Request) -> None:
     if not await _handshake(request):
         return
     hub = request.app.hub
-    sink = SocketSink(request.send)
+    await request.send({"type": "websocket.accept"})
+    sink = _sink(request)
     try:
         hub.attach(sink)  # so that shutdown closes it even while it has no subscription
     except Unavailable:
@@ -376,7 +431,6 @@ async def mux_socket(request: Request) -> None:
         return
     session = MuxSession(request, sink)
     try:
-        await request.send({"type": "websocket.accept"})
         await _serve(sink, session.read_commands())
     finally:
         session.close()
