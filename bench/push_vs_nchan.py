@@ -80,6 +80,7 @@ import os
 import re
 import resource
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -119,7 +120,10 @@ NCHAN_MODULE_FILE = "ngx_nchan_module.so"
 NCHAN_MODULE_DIRS = ("/usr/lib/nginx/modules", "/usr/share/nginx/modules")
 NCHAN_MODULE_CONFS = "/usr/share/nginx/modules-available/*.conf"
 NGINX_PREFIX = "/usr/share/nginx"  # Debian's compiled-in prefix, for relative load_module paths
-CLIENT_SATURATED = 90.0  # % of CPU 1 above which the load generator may have set the pace
+# The load generator may have set the pace when it used more than this % of CPU 1 while the
+# server used less than SERVER_SATURATED % of CPU 0.
+CLIENT_SATURATED = 90.0
+SERVER_SATURATED = 90.0
 ALL_WORKLOADS = ("throughput-sse", "throughput-ws", "latency-sse", "latency-ws", "memory")
 ALL_SERVERS = ("nchan", "hub")
 SCRIPT = str(Path(__file__).resolve())
@@ -1072,6 +1076,7 @@ class Publisher:
 class Result:
     workload: str
     server: str
+    round: int = 1
     ok: bool = False
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -1271,10 +1276,12 @@ async def push_case(
                 "rows timed from the send time are at that lower rate; those timed from the "
                 "schedule show the backlog)"
             )
-    if metrics["client_cpu_pct"] and float(metrics["client_cpu_pct"]) > CLIENT_SATURATED:
+    client_pct = float(metrics["client_cpu_pct"] or 0)
+    server_pct = float(metrics["server_cpu_pct"] or 0)
+    if client_pct > CLIENT_SATURATED and server_pct < SERVER_SATURATED:
         result.warnings.append(
-            f"the load generator used {metrics['client_cpu_pct']:.0f}% of CPU {CLIENT_CPU}: "
-            "it may have set the pace"
+            f"the load generator used {client_pct:.0f}% of CPU {CLIENT_CPU} and the server "
+            f"{server_pct:.0f}% of CPU {SERVER_CPU}: the load generator may have set the pace"
         )
     result.metrics = metrics
 
@@ -1476,8 +1483,11 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
     out: list[str] = []
     labels = {"nchan": NchanServer.label, "hub": HubServer.label}
     for workload in args.workload_list:
-        by_server = {r.server: r for r in results if r.workload == workload}
-        if not by_server:
+        runs = {
+            label: [r for r in results if r.workload == workload and r.server == label]
+            for label in labels.values()
+        }
+        if not any(runs.values()):
             continue
         rows_spec = (
             MEMORY_ROWS
@@ -1486,52 +1496,79 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
             if workload.startswith("latency")
             else PUSH_ROWS
         )
-        nchan = by_server.get(labels["nchan"])
-        hub = by_server.get(labels["hub"])
+        nchan = runs[labels["nchan"]]
+        hub = runs[labels["hub"]]
         rows: list[list[str]] = []
         for label, key, fmt in rows_spec:
             if key == "cpu_busy":
                 rows.append([label, _busy(nchan), _busy(hub), ""])
                 continue
-            a = nchan.metrics.get(key) if nchan else None
-            b = hub.metrics.get(key) if hub else None
+            a = median_metric(nchan, key)
+            b = median_metric(hub, key)
             ratio = f"{b / a:.2f}" if a and b is not None else "-"
-            rows.append([label, _fmt(a, fmt), _fmt(b, fmt), ratio])
-        rows.append(
-            [
-                "check",
-                _check(nchan) if nchan else "-",
-                _check(hub) if hub else "-",
-                "",
-            ]
-        )
+            if label.startswith("**") and args.repeat > 1:
+                cells = [_fmt_spread(nchan, key, fmt), _fmt_spread(hub, key, fmt)]
+            else:
+                cells = [_fmt(a, fmt), _fmt(b, fmt)]
+            rows.append([label, *cells, ratio])
+        rows.append(["check", _check(nchan), _check(hub), ""])
         out.append(f"### {workload_title(workload, args)}\n")
+        if args.repeat > 1:
+            out.append(
+                f"Medians of {args.repeat} runs per server (runs alternate between the "
+                "servers); bold rows also show the lowest and highest run.\n"
+            )
         out.append(
             markdown_table(["", labels["nchan"], labels["hub"], "ratio backchannel / Nchan"], rows)
         )
-        for r in (nchan, hub):
-            if r is None:
-                continue
+        for r in [*nchan, *hub]:
+            tag = f"{r.server}, run {r.round}" if args.repeat > 1 else r.server
             for line in r.problems:
-                out.append(f"- {r.server}: {line[:600]}")
+                out.append(f"- {tag}: {line[:600]}")
             for line in r.warnings:
-                out.append(f"- {r.server} (warning): {line[:600]}")
+                out.append(f"- {tag} (warning): {line[:600]}")
         out.append("")
     return "\n".join(out)
+
+
+def median_metric(runs: list[Result], key: str) -> float | None:
+    """The median of a metric over the runs that passed their checks (over all runs when none
+    did)."""
+    chosen = [r for r in runs if r.ok] or runs
+    values = [float(v) for r in chosen if (v := r.metrics.get(key)) is not None]
+    return statistics.median(values) if values else None
+
+
+def _fmt_spread(runs: list[Result], key: str, fmt: str) -> str:
+    chosen = [r for r in runs if r.ok] or runs
+    values = [float(v) for r in chosen if (v := r.metrics.get(key)) is not None]
+    if not values:
+        return "-"
+    middle = fmt.format(statistics.median(values))
+    if len(values) == 1:
+        return middle
+    return f"{middle} ({fmt.format(min(values))} - {fmt.format(max(values))})"
 
 
 def _fmt(value: float | int | None, fmt: str) -> str:
     return "-" if value is None else fmt.format(value)
 
 
-def _busy(result: Result | None) -> str:
-    if result is None or result.metrics.get("cpu0_busy_pct") is None:
+def _busy(runs: list[Result]) -> str:
+    cpu0 = median_metric(runs, "cpu0_busy_pct")
+    cpu1 = median_metric(runs, "cpu1_busy_pct")
+    if cpu0 is None or cpu1 is None:
         return "-"
-    return f"{result.metrics['cpu0_busy_pct']:.0f}% / {result.metrics['cpu1_busy_pct']:.0f}%"
+    return f"{cpu0:.0f}% / {cpu1:.0f}%"
 
 
-def _check(result: Result) -> str:
-    return "ok" if result.ok else "FAILED"
+def _check(runs: list[Result]) -> str:
+    if not runs:
+        return "-"
+    failed = sum(1 for r in runs if not r.ok)
+    if not failed:
+        return "ok" if len(runs) == 1 else f"ok ({len(runs)} runs)"
+    return "FAILED" if len(runs) == 1 else f"FAILED ({failed} of {len(runs)} runs)"
 
 
 def versions() -> dict[str, str]:
@@ -1586,6 +1623,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--servers", default=",".join(ALL_SERVERS), help="comma-separated: nchan, hub"
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs of each workload per server (alternating between the servers); the tables "
+        "show medians",
     )
     parser.add_argument(
         "--subscribers", type=int, default=1000, help="subscribers in the throughput workloads"
@@ -1690,7 +1734,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--workloads: unknown {sorted(unknown)}; choose from {ALL_WORKLOADS}")
     if set(args.server_list) - set(ALL_SERVERS) or not args.server_list:
         parser.error(f"--servers: choose from {ALL_SERVERS}")
-    for name in ("subscribers", "messages", "latency_subscribers", "idle_subscribers"):
+    for name in ("subscribers", "messages", "latency_subscribers", "idle_subscribers", "repeat"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.rate <= 0 or args.duration <= 0:
@@ -1729,8 +1773,11 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Result] = []
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         for workload in args.workload_list:
-            for server_key in args.server_list:
-                results.append(run_case(runner, server_key, workload, args))
+            for number in range(1, args.repeat + 1):
+                for server_key in args.server_list:
+                    result = run_case(runner, server_key, workload, args)
+                    result.round = number
+                    results.append(result)
     print(
         f"\nbackchannel (memory store) vs Nchan, servers on CPU {SERVER_CPU}, load generator "
         f"(uvloop, hand-written HTTP/1.1 and WebSocket) on CPU {CLIENT_CPU}\n"
