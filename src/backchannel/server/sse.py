@@ -23,7 +23,7 @@ from ..core.fanout import CloseReason, Subscription
 from ..core.messages import Message
 from ..wire import InvalidCursor, parse_id
 from ..wire.sse import CONTENT_TYPE, encode_comment, encode_retry
-from .asgi import Send
+from .asgi import Receive, Send
 from .fastpath import direct_transport
 from .http import Request
 from .problems import HTTPProblem
@@ -43,10 +43,11 @@ def sse_frame(message: Message) -> bytes:
 class StreamSink:
     """A :class:`~backchannel.core.fanout.Sink` writing to an ASGI response body.
 
-    Until :meth:`start` it only queues. Then it either sends through ASGI ``send`` from its
-    writer coroutine (:meth:`run`), or, when :func:`.fastpath.direct_transport` finds the
-    connection's transport, writes HTTP chunks to it from :meth:`flush` itself, with no
-    coroutine switch per message.
+    Until :meth:`start` it only queues. Then it either writes HTTP chunks straight to the
+    connection's transport from :meth:`flush` (when :func:`.fastpath.direct_transport` found
+    it), or hands what is queued to a writer coroutine that sends it through ASGI ``send``.
+    A direct stream keeps no coroutine of its own: the request's task only waits for the
+    client to leave, which keeps an idle subscriber small.
     """
 
     __slots__ = (
@@ -71,8 +72,9 @@ class StreamSink:
         self._in_flight = 0
         self._started = False
         self._transport: asyncio.Transport | None = None
-        self._wake = asyncio.Event()
-        self._drained = asyncio.Event()
+        # Only the ASGI path has a writer to wake and to wait for.
+        self._wake: asyncio.Event | None = None
+        self._drained: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self.close_reason: CloseReason | None = None
         self.last_write = time.monotonic()
@@ -83,6 +85,9 @@ class StreamSink:
         if there is one."""
         self._started = True
         self._transport = transport
+        if transport is None:
+            self._wake = asyncio.Event()
+            self._drained = asyncio.Event()
 
     def write(self, data: bytes) -> None:
         self._chunks.append(data)
@@ -93,6 +98,7 @@ class StreamSink:
             return
         transport = self._transport
         if transport is None:
+            assert self._wake is not None
             self._wake.set()
             return
         chunks = self._chunks
@@ -111,9 +117,11 @@ class StreamSink:
         return self._size + self._in_flight
 
     async def drained(self) -> None:
-        if self._transport is not None:
-            # An empty body through the server's own send() waits out its flow control.
-            await self._send({"type": "http.response.body", "body": b"", "more_body": True})
+        if self._drained is None:
+            # Direct, or not started: an empty body through the server's own send() waits
+            # out its flow control.
+            if self._started:
+                await self._send({"type": "http.response.body", "body": b"", "more_body": True})
             return
         while self.buffered() and self.close_reason is None:
             self._drained.clear()
@@ -123,28 +131,41 @@ class StreamSink:
         if self.close_reason is not None:
             return
         self.close_reason = reason
-        self._wake.set()
-        self._drained.set()
+        if self._wake is not None and self._drained is not None:
+            self._wake.set()
+            self._drained.set()
         if reason is CloseReason.SLOW_CONSUMER and self._transport is not None:
             self._transport.abort()  # its buffer is full: nothing more would get through
-        elif self._in_flight and self._task is not None:
-            # Stuck in send() behind a client that does not read: stop waiting for it.
-            self._task.cancel()
+        task = self._task
+        # Waiting for the client (direct), or stuck in send() behind a client that does not
+        # read: stop waiting.
+        waiting = self._transport is not None or self._in_flight
+        if task is not None and task is not asyncio.current_task() and waiting:
+            task.cancel()
 
     @property
     def closed(self) -> bool:
         return self.close_reason is not None
 
-    async def run(self) -> None:
-        """Send what is queued until the sink is closed; then, unless the client is gone or
-        too slow, the stream's last bytes."""
-        self._task = asyncio.current_task()
+    async def run(self, receive: Receive) -> None:
+        """Serve the stream until the sink is closed or the client leaves; then, unless the
+        client is gone or too slow, send the stream's last bytes."""
+        task = self._task = asyncio.current_task()
+        assert task is not None
         try:
-            await self._send_until_closed()
+            if self._transport is not None:
+                await self._until_disconnected(receive)
+            else:
+                watcher = asyncio.get_running_loop().create_task(self._until_disconnected(receive))
+                try:
+                    await self._send_until_closed()
+                finally:
+                    watcher.cancel()
         except asyncio.CancelledError:
             if self.close_reason is None:
                 raise  # cancelled from outside, not by close()
-            return
+            task.uncancel()
+        self._task = None
         if self.close_reason is CloseReason.SLOW_CONSUMER:
             await asyncio.sleep(0)  # let the server see the aborted connection before we return
             return
@@ -161,8 +182,15 @@ class StreamSink:
                     )
                 await self._send({"type": "http.response.body", "body": b"", "more_body": False})
 
+    async def _until_disconnected(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        # The client left: nothing more can be sent, and the body need not be ended.
+        self.close(CloseReason.UNSUBSCRIBED)
+
     async def _send_until_closed(self) -> None:
         send = self._send
+        assert self._wake is not None and self._drained is not None
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -246,31 +274,20 @@ async def _stream(request: Request, subscribe: Callable[[StreamSink], list[Subsc
     subscriptions = subscribe(sink)  # may raise: still early enough for a problem response
     request.streaming = True
     app.heartbeats.sinks.add(sink)
-    watcher: asyncio.Task[None] | None = None
     try:
         await request.send({"type": "http.response.start", "status": 200, "headers": headers})
         await request.send(
             {"type": "http.response.body", "body": encode_retry(sink.retry_ms), "more_body": True}
         )
-        sink.start(direct_transport(request.send) if app.settings.direct_writes else None)
+        sink.start(direct_transport(request.send) if settings.direct_writes else None)
         sink.flush()  # what a replay queued meanwhile
-        watcher = asyncio.get_running_loop().create_task(_watch_disconnect(request, sink))
-        await sink.run()
+        await sink.run(request.receive)
     finally:
         app.heartbeats.sinks.discard(sink)
         for subscription in subscriptions:
             app.hub.unsubscribe(subscription)
-        if watcher is not None:
-            watcher.cancel()
     if sink.close_reason is CloseReason.SLOW_CONSUMER:
         log.warning("cut a slow SSE consumer of %s", request.path)
-
-
-async def _watch_disconnect(request: Request, sink: StreamSink) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-    # The client left: nothing more can be sent. UNSUBSCRIBED tells _stream not to end the body.
-    sink.close(CloseReason.UNSUBSCRIBED)
 
 
 async def channel_events(request: Request) -> None:
