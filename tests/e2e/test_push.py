@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from backchannel.wire import frames as f
+from backchannel.wire.sse import EventParser
 
 from .conftest import HubProcess
 from .push_clients import CLIENTS, PushClient, SSEClient
@@ -184,3 +185,72 @@ async def test_shutdown_ends_every_stream(hub: HubProcess) -> None:
     assert sse.retries == 2  # one when the stream opened, one telling the browser to come back
     assert hub.proc.wait(15) == 0  # type: ignore[union-attr]
     assert ended_after < 15  # a hang guard; docs/benchmarks.md reports the real time
+
+
+async def test_sse_headers_heartbeat_and_multi_channel_resume(
+    hub_factory: type[HubProcess],
+) -> None:
+    hub = hub_factory("--sse-heartbeat", "0.3", "--store", "memory://").start()
+    async with httpx.AsyncClient(base_url=hub.url, timeout=10) as http:
+        await publish(http, "a", ["a1"])
+        async with http.stream("GET", "/v1/events?channel=a&channel=b") as stream:
+            assert stream.headers["cache-control"] == "no-cache"
+            assert stream.headers["x-accel-buffering"] == "no"
+            assert "content-encoding" not in stream.headers
+            parser = EventParser()
+            chunks = stream.aiter_raw()
+            seen = b""
+            while b": heartbeat" not in seen:  # sent once the stream is idle
+                seen += await anext(chunks)
+            await wait_for_subscribers(http, "b", "sse", 1)
+            await publish(http, "a", ["a2"])
+            await publish(http, "b", ["b1"])
+            events = []
+            while len(events) < 2:
+                parser.receive_data(await anext(chunks))
+                events += parser.events()
+        # Each id names every channel's position, so one Last-Event-ID resumes both.
+        assert [e.id for e in events] == ["a=2,b=0", "a=2,b=1"]
+        await publish(http, "a", ["a3"])
+        await publish(http, "b", ["b2"])
+        async with http.stream(
+            "GET", "/v1/events?channel=a&channel=b", headers={"last-event-id": events[-1].id}
+        ) as stream:
+            parser = EventParser()
+            resumed: list[str] = []
+            async for chunk in stream.aiter_raw():
+                parser.receive_data(chunk)
+                resumed += [json.loads(e.data)["data"] for e in parser.events()]
+                if len(resumed) == 2:
+                    break
+    assert sorted(resumed) == ["a3", "b2"]
+
+
+async def test_tcp_protocol_errors_close_with_an_error_frame(hub: HubProcess) -> None:
+    async def exchange(data: bytes) -> list[f.Event]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", hub.tcp_port)
+        writer.write(data)
+        codec = f.Connection(f.Role.CLIENT)
+        codec._enter(f.State.OPEN)  # read whatever the server says, handshake or not
+        events: list[f.Event] = []
+        async with asyncio.timeout(10):
+            while True:
+                chunk = await reader.read(65536)
+                codec.receive_data(chunk)
+                while (event := codec.next_event()) not in (f.NEED_DATA, f.CONNECTION_CLOSED):
+                    events.append(event)
+                if not chunk or codec.state is f.State.CLOSED:
+                    break
+        writer.close()
+        return events
+
+    no_version = await exchange(b"\x00\x00\x00\x07\x01BKCH\x01\x09")
+    assert [(e.request, e.type) for e in no_version if isinstance(e, f.Error)] == [
+        (0, "unsupported-version")
+    ]
+    garbage = await exchange(b"\x00\x00\x00\x02\x77\x00")
+    assert [(e.request, e.type) for e in garbage if isinstance(e, f.Error)] == [
+        (0, "protocol-error")
+    ]
+    huge = await exchange(b"\x7f\xff\xff\xff\x01")
+    assert [(e.request, e.type) for e in huge if isinstance(e, f.Error)] == [(0, "frame-too-large")]
