@@ -61,8 +61,9 @@ error log and temporary paths; the hub gets its own temporary folder (see ``hubp
 Every process started here is stopped, and every temporary folder removed, when the script
 ends, also on Ctrl-C, SIGTERM or an error.
 
-Run ``python bench/push_vs_nchan.py --help`` for the options. The script exits with status 1
-when a check failed on any run.
+``--repeat N`` runs every workload N times per server, alternating between the servers, and
+the tables show medians. Run ``python bench/push_vs_nchan.py --help`` for the options. The
+script exits with status 1 when a check failed on any run.
 """
 
 from __future__ import annotations
