@@ -205,3 +205,40 @@ async def test_replay_starts_after_the_cursor(after: int) -> None:
     engine.subscribe("c", sink, frame, transport="t", after=after)
     await settle()
     assert sink.seqs() == list(range(after + 1, 5))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_coalescing_waits_only_while_busy_and_never_past_the_cap() -> None:
+    clock = Clock()
+    engine = FanOut(Store().read, max_coalesce_delay=0.005, clock=clock)
+    assert engine.coalesce_delay() == 0  # idle: a lone message goes at once
+
+    class SlowSink(Sink):
+        def flush(self) -> None:
+            clock.now += 0.002  # this flush "takes" 2 ms
+            super().flush()
+
+    engine.subscribe("c", SlowSink(), frame, transport="t", after=None)
+    engine.deliver("c", [msg(1)])
+    await settle()
+    assert engine.coalesce_delay() == pytest.approx(0.002)  # busy: wait as long as it took
+    clock.now += 0.001
+    assert engine.coalesce_delay() == pytest.approx(0.002)
+    engine._last_flush_cost = 0.5
+    assert engine.coalesce_delay() == 0.005  # never more than the cap
+    clock.now += 0.01
+    assert engine.coalesce_delay() == 0  # quiet again for longer than the cap
+
+
+async def test_no_coalescing_when_disabled() -> None:
+    engine = FanOut(Store().read, max_coalesce_delay=0)
+    engine._last_flush_cost = 1.0
+    engine._last_flush_end = engine._clock()
+    assert engine.coalesce_delay() == 0

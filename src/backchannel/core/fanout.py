@@ -13,7 +13,12 @@ joins the live stream where the two meet, with no gap and no duplicate, even whi
 race the replay.
 
 Writes are not made per message: sinks buffer, and the engine flushes every sink that has
-data once per turn of the event loop, so a burst of messages reaches a subscriber in one write.
+data at once, so a burst of messages reaches a subscriber in one write. When flushes are
+expensive and come back to back (many subscribers, messages arriving faster than they can be
+written one by one), the engine waits before the next flush, at most as long as the last one
+took and never more than ``max_coalesce_delay``, so that each write carries several messages:
+the kernel's cost per write, not per byte, is what limits fan-out. An engine that has been idle
+flushes at once, so a lone message pays no delay.
 A sink that holds more than ``max_outbound_bytes`` unsent is a slow consumer: it is closed with
 reason ``slow-consumer`` and the others go on at full speed. During a replay the engine waits
 for the sink to drain instead, since there the engine, not the publishers, sets the pace.
@@ -24,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
@@ -185,9 +191,20 @@ class Subscription:
 class FanOut:
     """Subscriptions by channel, and delivery to them."""
 
-    def __init__(self, read: Reader, *, max_outbound_bytes: int = 1 << 20) -> None:
+    def __init__(
+        self,
+        read: Reader,
+        *,
+        max_outbound_bytes: int = 1 << 20,
+        max_coalesce_delay: float = 0.005,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self.read = read
         self.max_outbound_bytes = max_outbound_bytes
+        self.max_coalesce_delay = max_coalesce_delay
+        self._clock = clock
+        self._last_flush_cost = 0.0
+        self._last_flush_end = float("-inf")
         self.channels: dict[str, set[Subscription]] = {}
         self.dirty: set[Subscription] = set()
         self.attached: set[Sink] = set()
@@ -231,9 +248,30 @@ class FanOut:
     def schedule_flush(self) -> None:
         if not self._flush_scheduled and self.dirty:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            loop = asyncio.get_running_loop()
+            delay = self.coalesce_delay()
+            if delay > 0:
+                loop.call_later(delay, self._flush)
+            else:
+                loop.call_soon(self._flush)
+
+    def coalesce_delay(self) -> float:
+        """How long the next flush waits for more messages: as long as the last flush took,
+        capped, if it ended less than that cap ago; else nothing."""
+        cap = self.max_coalesce_delay
+        if self._clock() - self._last_flush_end > cap:
+            return 0.0
+        return min(cap, self._last_flush_cost)
 
     def _flush(self) -> None:
+        began = self._clock()
+        try:
+            self._flush_all()
+        finally:
+            self._last_flush_end = self._clock()
+            self._last_flush_cost = self._last_flush_end - began
+
+    def _flush_all(self) -> None:
         self._flush_scheduled = False
         dirty, self.dirty = self.dirty, set()
         limit = self.max_outbound_bytes

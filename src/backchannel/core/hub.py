@@ -46,6 +46,7 @@ class Limits:
     max_long_polls: int = 10_000
     sweep_interval: float = 60.0
     max_outbound_bytes: int = 1 << 20
+    max_coalesce_delay: float = 0.005
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +87,11 @@ class Hub:
         self._waiters: dict[str, set[asyncio.Future[int]]] = {}
         self._inflight: dict[tuple[str, int, int], asyncio.Future[list[Message]]] = {}
         self._subscribers: dict[str, Counter[str]] = {}
-        self.fanout = FanOut(self._replay_read, max_outbound_bytes=self.limits.max_outbound_bytes)
+        self.fanout = FanOut(
+            self._replay_read,
+            max_outbound_bytes=self.limits.max_outbound_bytes,
+            max_coalesce_delay=self.limits.max_coalesce_delay,
+        )
         self._long_polls = 0
         self._started = False
         self._closing = False

@@ -61,6 +61,11 @@ class Settings:
         1_048_576,
         "bytes a push subscriber may fall behind before it is disconnected as a slow consumer",
     )
+    max_coalesce_delay: float = _setting(
+        0.005,
+        "seconds, at most, a busy hub holds pushed messages so that one write carries several "
+        "(0: write every message at once)",
+    )
     max_subscriptions: int = _setting(
         1000, "channels one WebSocket or TCP connection may subscribe to at once"
     )
@@ -123,6 +128,8 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if not 0 <= self.max_coalesce_delay <= 1:
+            raise ValueError("max_coalesce_delay must be between 0 and 1 second")
         if self.max_wait < 0:
             raise ValueError("max_wait must not be negative")
         if self.retention_age < 1:
@@ -160,6 +167,7 @@ class Settings:
             max_long_polls=self.max_long_polls,
             sweep_interval=self.sweep_interval,
             max_outbound_bytes=self.max_outbound_bytes,
+            max_coalesce_delay=self.max_coalesce_delay,
         )
 
     @property
