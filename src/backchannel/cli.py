@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import os
 import sys
 from dataclasses import MISSING, fields
@@ -11,7 +12,7 @@ from typing import Any
 import orjson
 
 from . import __version__
-from .client import DEFAULT_URL, Client, HubError, HubUnreachable
+from .client import DEFAULT_URL, VIAS, Client, HubError, HubUnreachable, Published
 from .server.config import Settings, parse_value
 
 EPILOG = """\
@@ -60,6 +61,12 @@ def _serve_parser(sub: Any) -> argparse.ArgumentParser:
 def _client_parent() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument(
+        "--tcp-port",
+        type=int,
+        default=int(os.environ.get("BACKCHANNEL_TCP_PORT", "7000")),
+        help="the hub's TCP port, for --via tcp [env BACKCHANNEL_TCP_PORT] (default: 7000)",
+    )
+    parent.add_argument(
         "--url",
         default=os.environ.get("BACKCHANNEL_URL", DEFAULT_URL),
         help=f"the hub's address [env BACKCHANNEL_URL] (default: {DEFAULT_URL})",
@@ -101,6 +108,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="a retried publish with the same key returns the first result",
     )
 
+    subscribe = sub.add_parser(
+        "subscribe",
+        parents=[client],
+        help="follow a channel, printing one JSON line per message",
+        description="Print each message of CHANNEL as one JSON line, from now (or after --after) "
+        "until Ctrl-C. The subscription reconnects by itself and resumes where it was: no "
+        "message is lost or printed twice.",
+    )
+    subscribe.add_argument("channel", metavar="CHANNEL")
+    subscribe.add_argument(
+        "--via", choices=VIAS, default="sse", help="how to listen (default: sse)"
+    )
+    subscribe.add_argument(
+        "--after", default=None, metavar="ID", help="start after this message (default: from now)"
+    )
+
     poll = sub.add_parser(
         "poll",
         parents=[client],
@@ -138,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(args, args.serve_parser)
     try:
-        with Client(args.url) as client:
+        with Client(args.url, tcp_port=args.tcp_port) as client:
+            if args.command == "subscribe":
+                return _subscribe(client, args)
             if args.command == "publish":
                 result = _publish(client, args)
             else:
@@ -159,6 +184,36 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _publish(client: Client, args: argparse.Namespace) -> dict[str, Any]:
+    published = _send_publish(client, args)
+    return {"id": published.id, "channel": published.channel, "time": published.time}
+
+
+def _subscribe(client: Client, args: argparse.Namespace) -> int:
+    """Print one JSON line per message until Ctrl-C."""
+    subscription = client.subscribe(args.channel, via=args.via, after=args.after)
+    try:
+        for message in subscription:
+            data = message.data
+            if isinstance(data, bytes):
+                data = base64.b64encode(data).decode()
+            line = {
+                "id": message.id,
+                "channel": message.channel,
+                "time": message.time,
+                "content_type": message.content_type,
+                "encoding": message.encoding,
+                "data": data,
+            }
+            sys.stdout.write(orjson.dumps(line).decode() + "\n")
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        subscription.close()
+    return 0
+
+
+def _send_publish(client: Client, args: argparse.Namespace) -> Published:
     data: bytes = sys.stdin.buffer.read() if args.data == "-" else os.fsencode(args.data)
     if args.json:
         content_type = "application/json"

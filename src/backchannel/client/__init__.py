@@ -1,6 +1,37 @@
-"""The client SDK: talk to a hub from Python."""
+"""The client SDK: :class:`Client` (blocking) and :class:`AsyncClient` (asyncio) twins."""
 
-from .errors import ClientError, HubError, HubUnreachable
-from .sync import DEFAULT_URL, Client
+from ._base import DEFAULT_URL, VIAS
+from .aio import AsyncClient, AsyncSubscription
+from .errors import (
+    CircuitOpen,
+    ClientError,
+    HubError,
+    HubTimeout,
+    HubUnreachable,
+    ProtocolViolation,
+)
+from .models import Message, Page, Published
+from .resilience import BreakerState, CircuitBreaker, Resilience, RetryPolicy
+from .sync import Client, Subscription
 
-__all__ = ["DEFAULT_URL", "Client", "ClientError", "HubError", "HubUnreachable"]
+__all__ = [
+    "DEFAULT_URL",
+    "VIAS",
+    "AsyncClient",
+    "AsyncSubscription",
+    "BreakerState",
+    "CircuitBreaker",
+    "CircuitOpen",
+    "Client",
+    "ClientError",
+    "HubError",
+    "HubTimeout",
+    "HubUnreachable",
+    "Message",
+    "Page",
+    "ProtocolViolation",
+    "Published",
+    "Resilience",
+    "RetryPolicy",
+    "Subscription",
+]

@@ -1,10 +1,16 @@
-"""Exceptions raised by the client.
+"""Exceptions raised by the client SDK.
 
 ::
 
     ClientError
-    ├── HubUnreachable     no connection could be made, or it broke before an answer
-    └── HubError           the hub answered with an error; ``.problem`` has its document
+    ├── HubUnreachable       no connection could be made, or it broke before an answer
+    │   └── HubTimeout       a connect, read, write or pool wait took longer than its timeout
+    ├── ProtocolViolation    the hub answered with something this client cannot read
+    ├── HubError             the hub answered with an error; .problem is its RFC 9457 document
+    └── CircuitOpen          the circuit breaker is open: the call was not attempted
+
+Only :class:`HubUnreachable` (and :class:`HubTimeout`) and :class:`HubError` with a status of
+502, 503 or 504 are retried, and only for calls that are safe to repeat.
 """
 
 from __future__ import annotations
@@ -18,6 +24,14 @@ class ClientError(Exception):
 
 
 class HubUnreachable(ClientError):
+    pass
+
+
+class HubTimeout(HubUnreachable):
+    pass
+
+
+class ProtocolViolation(ClientError):
     pass
 
 
@@ -35,3 +49,14 @@ class HubError(ClientError):
     @property
     def type(self) -> str:
         return str(self.problem.get("type", "about:blank"))
+
+    @property
+    def slug(self) -> str:
+        """The problem type's last segment, e.g. ``invalid-channel``."""
+        return self.type.rsplit("/", 1)[-1]
+
+
+class CircuitOpen(ClientError):
+    def __init__(self, retry_in: float) -> None:
+        self.retry_in = retry_in
+        super().__init__(f"the circuit breaker is open; the next probe in {retry_in:.1f} s")

@@ -1,25 +1,43 @@
-"""A blocking client for the hub's HTTP API."""
+"""The blocking client: :class:`Client`."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 import orjson
+import websockets.exceptions
+import websockets.sync.client
 
-from .errors import HubError, HubUnreachable
+from ..wire import format_id
+from ..wire import frames as f
+from ..wire.sse import EventParser
+from ._base import VIAS, BaseClient, Call, channel_path, translate
+from .errors import ClientError, HubError, HubUnreachable, ProtocolViolation
+from .models import Message, Page, Published
+from .resilience import BreakerState
+from .subscription import Resume, close_error
 
-DEFAULT_URL = "http://127.0.0.1:8000"
 
+class Client(BaseClient):
+    """A blocking client of one hub, over a pool of HTTP connections. Use it as a context
+    manager, or call :meth:`close`.
 
-class Client:
-    """``Client(url)`` talks to one hub over pooled HTTP connections. Use it as a context
-    manager, or call :meth:`close`."""
+    Every call has a timeout; safe calls (reads, and publishes, which carry an
+    ``Idempotency-Key``) are retried with backoff when the hub is unreachable or overloaded; a
+    circuit breaker fails fast while the hub keeps failing. See :mod:`.resilience`.
+    """
 
-    def __init__(self, url: str = DEFAULT_URL, *, timeout: float = 10.0) -> None:
-        self.url = url.rstrip("/")
-        self._http = httpx.Client(base_url=self.url, timeout=timeout)
+    def __init__(
+        self, url: str | None = None, *, sleep: Callable[[float], None] = time.sleep, **options: Any
+    ) -> None:
+        super().__init__(url or _default_url(), **options)
+        self._sleep = sleep
+        self._http = httpx.Client(base_url=self.url, timeout=self.timeout, limits=self.limits)
 
     def __enter__(self) -> Client:
         return self
@@ -30,6 +48,45 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
+    # -- requests -----------------------------------------------------------------------------
+
+    def _call(self, call: Call) -> httpx.Response:
+        resilience = self.resilience
+        breaker = resilience.breaker
+        attempt = 0
+        while True:
+            attempt += 1
+            if breaker is not None:
+                breaker.before_call()
+            try:
+                response = self.outcome(self._send(call))
+            except ClientError as error:
+                if breaker is not None:
+                    breaker.failed(error)
+                    if breaker.state is BreakerState.OPEN:
+                        raise  # the breaker just opened: report why, rather than CircuitOpen
+                delay = resilience.next_delay(attempt, error, safe=call.safe)
+                if delay is None:
+                    raise
+                self._sleep(delay)
+                continue
+            if breaker is not None:
+                breaker.succeeded()
+            return response
+
+    def _send(self, call: Call) -> httpx.Response:
+        try:
+            return self._http.request(
+                call.method,
+                call.path,
+                params=dict(call.params),
+                headers=dict(call.headers),
+                content=call.content,
+                timeout=call.timeout or self.timeout,
+            )
+        except httpx.HTTPError as exc:
+            raise translate(exc, self.url) from exc
+
     def publish(
         self,
         channel: str,
@@ -38,24 +95,16 @@ class Client:
         content: bytes | str | None = None,
         content_type: str | None = None,
         idempotency_key: str | None = None,
-    ) -> dict[str, Any]:
-        """Publish ``data`` as JSON, or raw ``content`` with ``content_type``."""
-        headers: dict[str, str] = {}
-        if content is None:
-            body = orjson.dumps(data)
-            headers["content-type"] = "application/json"
-        else:
-            body = content.encode() if isinstance(content, str) else content
-            headers["content-type"] = content_type or (
-                "text/plain; charset=utf-8"
-                if isinstance(content, str)
-                else "application/octet-stream"
-            )
-        if idempotency_key is not None:
-            headers["idempotency-key"] = idempotency_key
-        return self._request(
-            "POST", f"/v1/channels/{_segment(channel)}/messages", content=body, headers=headers
-        )
+    ) -> Published:
+        """Publish ``data`` as JSON, or raw ``content`` (``str``: text, ``bytes``: binary,
+        or with ``content_type``). A unique ``Idempotency-Key`` is added unless you give one,
+        so a retried publish is never stored twice."""
+        call = self.publish_call(channel, data, content, content_type, idempotency_key)
+        return self.published(self._call(call))
+
+    def publish_many(self, channel: str, items: list[Any]) -> list[Published]:
+        """Publish each item as JSON, in order, over the pooled connection."""
+        return [self.publish(channel, item) for item in items]
 
     def poll(
         self,
@@ -64,12 +113,9 @@ class Client:
         after: str | None = None,
         limit: int | None = None,
         wait: float | None = None,
-    ) -> dict[str, Any]:
+    ) -> Page:
         """Messages after ``after``; with ``wait``, a long poll of up to that many seconds."""
-        page: dict[str, Any] = orjson.loads(
-            self.poll_raw(channel, after=after, limit=limit, wait=wait)
-        )
-        return page
+        return self.page(self._call(self.poll_call(channel, after, limit, wait)))
 
     def poll_raw(
         self,
@@ -80,47 +126,230 @@ class Client:
         wait: float | None = None,
     ) -> bytes:
         """:meth:`poll`'s answer as the hub sent it: JSON bytes."""
-        params: dict[str, str] = {}
-        if after is not None:
-            params["after"] = after
-        if limit is not None:
-            params["limit"] = str(limit)
-        timeout = self._http.timeout
-        if wait:
-            params["wait"] = f"{wait:g}"
-            read = (timeout.read or 0) + wait
-            timeout = httpx.Timeout(
-                timeout.connect, read=read, write=timeout.write, pool=timeout.pool
-            )
-        response = self._send(
-            "GET", f"/v1/channels/{_segment(channel)}/messages", params=params, timeout=timeout
-        )
-        return response.content
+        return self._call(self.poll_call(channel, after, limit, wait)).content
 
     def info(self, channel: str) -> dict[str, Any]:
-        return self._request("GET", f"/v1/channels/{_segment(channel)}")
+        info: dict[str, Any] = self.json_of(self._call(self.info_call(channel)))
+        return info
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        result: dict[str, Any] = self._send(method, path, **kwargs).json()
-        return result
+    # -- subscriptions ------------------------------------------------------------------------
 
-    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            response = self._http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            raise HubUnreachable(f"cannot reach the hub at {self.url}: {exc}") from exc
-        if response.status_code >= 400:
+    def subscribe(
+        self,
+        channel: str,
+        *,
+        via: str = "sse",
+        after: str | None = None,
+        wait: float = 30.0,
+        interval: float = 1.0,
+    ) -> Subscription:
+        """An iterator of the channel's messages after ``after`` (default: from now), over
+        ``via``: ``"sse"``, ``"ws"``, ``"tcp"``, ``"longpoll"`` (``wait`` seconds a request) or
+        ``"poll"`` (every ``interval`` seconds). It reconnects by itself and resumes after the
+        last message it yielded: nothing is lost or repeated."""
+        if via not in VIAS:
+            raise ValueError(f"via must be one of {', '.join(VIAS)}")
+        return Subscription(self, channel, via, after, wait=wait, interval=interval)
+
+
+class Subscription(Iterator[Message]):
+    def __init__(
+        self,
+        client: Client,
+        channel: str,
+        via: str,
+        after: str | None,
+        *,
+        wait: float,
+        interval: float,
+    ) -> None:
+        self.client = client
+        self.channel = channel
+        self.via = via
+        self.wait = wait
+        self.interval = interval
+        self.resume = Resume(client.resilience, client.reconnect_limit)
+        self._after = after
+        self._stream: Iterator[Message] | None = None
+        self._closer: Callable[[], None] | None = None
+        self._closed = False
+
+    def __iter__(self) -> Subscription:
+        return self
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self._drop()
+
+    def _drop(self) -> None:
+        if self._closer is not None:
+            closer, self._closer = self._closer, None
+            with contextlib.suppress(Exception):
+                closer()
+        self._stream = None
+
+    def __next__(self) -> Message:
+        while not self._closed:
             try:
-                problem = response.json()
-            except ValueError:
-                problem = {"title": response.reason_phrase, "detail": response.text[:200]}
-            raise HubError(
-                response.status_code,
-                problem if isinstance(problem, dict) else {},
-                response.headers,
+                if self._stream is None:
+                    if self.resume.cursor is None:
+                        start = self._after or self.client.info(self.channel)["last_id"]
+                        self.resume.start(start)
+                    self._stream = self._open(self.resume.after())
+                message = next(self._stream)
+            except StopIteration:
+                self._drop()
+                self.client._sleep(self.resume.ended())
+                continue
+            except ClientError as error:
+                self._drop()
+                self.client._sleep(self.resume.failed(error))  # raises when it gives up
+                continue
+            if self.resume.accept(message):
+                return message
+        raise StopIteration
+
+    def _open(self, after: int) -> Iterator[Message]:
+        opener = {
+            "sse": self._sse,
+            "ws": self._ws,
+            "tcp": self._tcp,
+            "longpoll": self._longpoll,
+            "poll": self._poll,
+        }[self.via]
+        return opener(after)
+
+    def _sse(self, after: int) -> Iterator[Message]:
+        http = self.client._http
+        request = http.build_request(
+            "GET",
+            channel_path(self.channel, "/events"),
+            headers={"last-event-id": format_id(after), "accept": "text/event-stream"},
+            timeout=httpx.Timeout(self.client.timeout.connect, read=60.0),
+        )
+        try:
+            response = http.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise translate(exc, self.client.url) from exc
+        self._closer = response.close
+        if response.status_code >= 400:
+            response.read()
+            self.client.outcome(response)
+        parser = EventParser()
+        try:
+            for chunk in response.iter_raw():
+                parser.receive_data(chunk)
+                for event in parser.events():
+                    yield Message.from_document(_json(event.data))
+        except httpx.HTTPError as exc:
+            raise translate(exc, self.client.url) from exc
+        finally:
+            response.close()
+        if parser.retry is not None:
+            self.resume.server_retry = parser.retry / 1000
+
+    def _ws(self, after: int) -> Iterator[Message]:
+        url = f"{self.client.ws_url}{channel_path(self.channel, '/ws')}?after={format_id(after)}"
+        try:
+            opened = websockets.sync.client.connect(
+                url, open_timeout=self.client.timeout.connect, max_size=None
             )
-        return response
+        except (OSError, websockets.exceptions.WebSocketException) as exc:
+            raise HubUnreachable(f"cannot open {url}: {exc}") from exc
+        with opened as connection:
+            self._closer = connection.close
+            while True:
+                try:
+                    raw = connection.recv(timeout=60.0)
+                except TimeoutError as exc:
+                    raise HubUnreachable("no data from the hub for 60 s") from exc
+                except websockets.exceptions.ConnectionClosed as exc:
+                    code = exc.rcvd.code if exc.rcvd else 1006
+                    raise close_error(code, exc.rcvd.reason if exc.rcvd else "") from exc
+                yield Message.from_document(_json(raw))
+
+    def _tcp(self, after: int) -> Iterator[Message]:
+        address = (self.client.host, self.client.tcp_port)
+        try:
+            sock = socket.create_connection(address, timeout=self.client.timeout.connect)
+        except OSError as exc:
+            raise HubUnreachable(f"cannot connect to {address}: {exc}") from exc
+        self._closer = sock.close
+        sock.settimeout(60.0)
+        codec = f.Connection(f.Role.CLIENT)
+
+        def next_frame() -> f.Event:
+            while (event := codec.next_event()) is f.NEED_DATA:
+                try:
+                    codec.receive_data(sock.recv(65536))
+                except OSError as exc:
+                    raise HubUnreachable(f"the TCP connection broke: {exc}") from exc
+            return event
+
+        try:
+            sock.sendall(codec.send(f.Hello(versions=f.VERSIONS)))
+            if not isinstance(next_frame(), f.Welcome):
+                raise ProtocolViolation("the hub did not answer HELLO with WELCOME")
+            sock.sendall(codec.send(f.Subscribe(request=1, channel=self.channel, after=after)))
+            while True:
+                event = next_frame()
+                if isinstance(event, f.Message):
+                    yield Message.from_frame(
+                        event.channel, event.seq, event.time_ms, event.content_type, event.data
+                    )
+                elif isinstance(event, f.Error):
+                    raise tcp_error(event)
+                elif event is f.CONNECTION_CLOSED:
+                    return
+        except f.ProtocolError as exc:
+            raise ProtocolViolation(f"TCP protocol error: {exc}") from exc
+        except OSError as exc:
+            raise HubUnreachable(f"the TCP connection broke: {exc}") from exc
+        finally:
+            sock.close()
+
+    def _longpoll(self, after: int) -> Iterator[Message]:
+        cursor = format_id(after)
+        while True:
+            page = self.client.poll(self.channel, after=cursor, wait=self.wait)
+            yield from page.messages
+            cursor = page.next_after
+
+    def _poll(self, after: int) -> Iterator[Message]:
+        cursor = format_id(after)
+        while True:
+            page = self.client.poll(self.channel, after=cursor)
+            yield from page.messages
+            cursor = page.next_after
+            if not page.messages:
+                self.client._sleep(self.interval)
 
 
-def _segment(channel: str) -> str:
-    return quote(channel, safe="")
+def tcp_error(event: f.Error) -> ClientError:
+    """A TCP ERROR frame as the exception it stands for."""
+    if event.request == 0 and event.type in ("slow-consumer", "shutting-down"):
+        return HubUnreachable(f"the hub ended the connection: {event.type}")
+    return HubError(
+        400, {"type": f"/problems/{event.type}", "title": event.type, "detail": event.detail}
+    )
+
+
+def _json(text: str | bytes) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolViolation(f"the hub sent invalid JSON: {exc}") from None
+
+
+def _default_url() -> str:
+    import os
+
+    from ._base import DEFAULT_URL
+
+    return os.environ.get("BACKCHANNEL_URL", DEFAULT_URL)

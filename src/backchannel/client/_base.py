@@ -1,0 +1,173 @@
+"""What :class:`Client` and :class:`AsyncClient` share: building requests and reading answers.
+
+Nothing here does I/O: the twins send what :class:`Call` describes with their own httpx client
+and hand the response back to :meth:`BaseClient.outcome`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import httpx
+import orjson
+
+from .errors import ClientError, HubError, HubTimeout, HubUnreachable, ProtocolViolation
+from .models import Message, Page, Published
+from .resilience import CircuitBreaker, Resilience, RetryPolicy
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+DEFAULT_TCP_PORT = 7000
+VIAS = ("sse", "ws", "tcp", "longpoll", "poll")
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One HTTP request, and whether it is safe to send again if no answer came back."""
+
+    method: str
+    path: str
+    safe: bool
+    params: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict)
+    content: bytes | None = None
+    timeout: httpx.Timeout | None = None
+
+
+def channel_path(channel: str, suffix: str = "") -> str:
+    return f"/v1/channels/{quote(channel, safe='')}{suffix}"
+
+
+def body_of(data: Any, content: bytes | str | None, content_type: str | None) -> tuple[bytes, str]:
+    """The bytes and content type of a publish: ``data`` as JSON, or raw ``content``."""
+    if content is None:
+        return orjson.dumps(data), content_type or "application/json"
+    if isinstance(content, str):
+        return content.encode(), content_type or "text/plain; charset=utf-8"
+    return content, content_type or "application/octet-stream"
+
+
+def translate(error: httpx.HTTPError, url: str) -> ClientError:
+    if isinstance(error, httpx.TimeoutException):
+        return HubTimeout(f"the hub at {url} did not answer in time ({type(error).__name__})")
+    return HubUnreachable(f"cannot reach the hub at {url}: {error}")
+
+
+class BaseClient:
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        timeout: float | httpx.Timeout = 10.0,
+        max_connections: int = 100,
+        max_keepalive: int = 20,
+        retry: RetryPolicy | None = None,
+        breaker: CircuitBreaker | None = None,
+        resilience: Resilience | None = None,
+        tcp_port: int = DEFAULT_TCP_PORT,
+        reconnect_limit: int | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{url!r} is not a hub URL (http://host:port)")
+        self.host = parts.hostname
+        self.ws_url = ("wss" if parts.scheme == "https" else "ws") + self.url[len(parts.scheme) :]
+        self.tcp_port = tcp_port
+        self.timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
+        self.limits = httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_keepalive
+        )
+        self.resilience = resilience or Resilience()
+        if retry is not None:
+            self.resilience.retry = retry
+        if breaker is not None:
+            self.resilience.breaker = breaker
+        #: Reconnections a subscription may make in a row without receiving anything, before
+        #: it gives up (None: never give up).
+        self.reconnect_limit = reconnect_limit
+
+    # -- calls --------------------------------------------------------------------------------
+
+    def publish_call(
+        self,
+        channel: str,
+        data: Any,
+        content: bytes | str | None,
+        content_type: str | None,
+        idempotency_key: str | None,
+    ) -> Call:
+        body, kind = body_of(data, content, content_type)
+        # A key makes a retried publish return the first result: with one, retrying is safe.
+        key = idempotency_key if idempotency_key is not None else uuid.uuid4().hex
+        return Call(
+            "POST",
+            channel_path(channel, "/messages"),
+            safe=True,
+            headers={"content-type": kind, "idempotency-key": key},
+            content=body,
+        )
+
+    def poll_call(
+        self, channel: str, after: str | None, limit: int | None, wait: float | None
+    ) -> Call:
+        params: dict[str, str] = {}
+        if after is not None:
+            params["after"] = after
+        if limit is not None:
+            params["limit"] = str(limit)
+        timeout = None
+        if wait:
+            params["wait"] = f"{wait:g}"
+            read = (self.timeout.read or 0) + wait
+            timeout = httpx.Timeout(
+                self.timeout.connect, read=read, write=self.timeout.write, pool=self.timeout.pool
+            )
+        return Call("GET", channel_path(channel, "/messages"), True, params, timeout=timeout)
+
+    def info_call(self, channel: str) -> Call:
+        return Call("GET", channel_path(channel), True)
+
+    # -- answers ------------------------------------------------------------------------------
+
+    def outcome(self, response: httpx.Response) -> httpx.Response:
+        """The response, or :class:`HubError` for an error status."""
+        if response.status_code < 400:
+            return response
+        try:
+            problem = response.json()
+        except ValueError:
+            problem = {"title": response.reason_phrase, "detail": response.text[:200]}
+        raise HubError(
+            response.status_code, problem if isinstance(problem, dict) else {}, response.headers
+        )
+
+    @staticmethod
+    def json_of(response: httpx.Response) -> Any:
+        try:
+            return orjson.loads(response.content)
+        except orjson.JSONDecodeError as exc:
+            raise ProtocolViolation(f"the hub answered with invalid JSON: {exc}") from None
+
+    def published(self, response: httpx.Response) -> Published:
+        document = self.json_of(response)
+        try:
+            return Published(
+                id=document["id"],
+                channel=document["channel"],
+                time=document["time"],
+                replayed=response.headers.get("idempotent-replayed") == "true",
+            )
+        except (KeyError, TypeError) as exc:
+            raise ProtocolViolation(f"not a publish result: {document!r:.200}") from exc
+
+    def page(self, response: httpx.Response) -> Page:
+        document = self.json_of(response)
+        try:
+            messages = [Message.from_document(m) for m in document["messages"]]
+            return Page(messages, document["next_after"])
+        except (KeyError, TypeError) as exc:
+            raise ProtocolViolation(f"not a page: {str(document)[:200]}") from exc

@@ -1,0 +1,329 @@
+"""The asyncio client: :class:`AsyncClient`, the twin of :class:`~.sync.Client`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import httpx
+import websockets.asyncio.client
+import websockets.exceptions
+
+from ..wire import format_id
+from ..wire import frames as f
+from ..wire.sse import EventParser
+from ._base import VIAS, BaseClient, Call, channel_path, translate
+from .errors import ClientError, HubUnreachable, ProtocolViolation
+from .models import Message, Page, Published
+from .resilience import BreakerState
+from .subscription import Resume, close_error
+from .sync import _default_url, _json, tcp_error
+
+
+class AsyncClient(BaseClient):
+    """The same calls as :class:`~.sync.Client`, as coroutines. Use ``async with``, or
+    ``await client.aclose()``."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        **options: Any,
+    ) -> None:
+        super().__init__(url or _default_url(), **options)
+        self._sleep = sleep
+        self._http = httpx.AsyncClient(base_url=self.url, timeout=self.timeout, limits=self.limits)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _call(self, call: Call) -> httpx.Response:
+        resilience = self.resilience
+        breaker = resilience.breaker
+        attempt = 0
+        while True:
+            attempt += 1
+            if breaker is not None:
+                breaker.before_call()
+            try:
+                response = self.outcome(await self._send(call))
+            except ClientError as error:
+                if breaker is not None:
+                    breaker.failed(error)
+                    if breaker.state is BreakerState.OPEN:
+                        raise  # the breaker just opened: report why, rather than CircuitOpen
+                delay = resilience.next_delay(attempt, error, safe=call.safe)
+                if delay is None:
+                    raise
+                await self._sleep(delay)
+                continue
+            if breaker is not None:
+                breaker.succeeded()
+            return response
+
+    async def _send(self, call: Call) -> httpx.Response:
+        try:
+            return await self._http.request(
+                call.method,
+                call.path,
+                params=dict(call.params),
+                headers=dict(call.headers),
+                content=call.content,
+                timeout=call.timeout or self.timeout,
+            )
+        except httpx.HTTPError as exc:
+            raise translate(exc, self.url) from exc
+
+    async def publish(
+        self,
+        channel: str,
+        data: Any = None,
+        *,
+        content: bytes | str | None = None,
+        content_type: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Published:
+        call = self.publish_call(channel, data, content, content_type, idempotency_key)
+        return self.published(await self._call(call))
+
+    async def publish_many(
+        self, channel: str, items: list[Any], *, concurrency: int = 16
+    ) -> list[Published]:
+        """Publish each item as JSON, up to ``concurrency`` at a time over the pool. The hub
+        orders them as they arrive: use :meth:`publish` in a loop when order matters."""
+        slots = asyncio.Semaphore(concurrency)
+
+        async def one(item: Any) -> Published:
+            async with slots:
+                return await self.publish(channel, item)
+
+        return list(await asyncio.gather(*(one(item) for item in items)))
+
+    async def poll(
+        self,
+        channel: str,
+        *,
+        after: str | None = None,
+        limit: int | None = None,
+        wait: float | None = None,
+    ) -> Page:
+        return self.page(await self._call(self.poll_call(channel, after, limit, wait)))
+
+    async def poll_raw(
+        self,
+        channel: str,
+        *,
+        after: str | None = None,
+        limit: int | None = None,
+        wait: float | None = None,
+    ) -> bytes:
+        return (await self._call(self.poll_call(channel, after, limit, wait))).content
+
+    async def info(self, channel: str) -> dict[str, Any]:
+        info: dict[str, Any] = self.json_of(await self._call(self.info_call(channel)))
+        return info
+
+    def subscribe(
+        self,
+        channel: str,
+        *,
+        via: str = "sse",
+        after: str | None = None,
+        wait: float = 30.0,
+        interval: float = 1.0,
+    ) -> AsyncSubscription:
+        """An async iterator of the channel's messages; see :meth:`.sync.Client.subscribe`."""
+        if via not in VIAS:
+            raise ValueError(f"via must be one of {', '.join(VIAS)}")
+        return AsyncSubscription(self, channel, via, after, wait=wait, interval=interval)
+
+
+class AsyncSubscription(AsyncIterator[Message]):
+    def __init__(
+        self,
+        client: AsyncClient,
+        channel: str,
+        via: str,
+        after: str | None,
+        *,
+        wait: float,
+        interval: float,
+    ) -> None:
+        self.client = client
+        self.channel = channel
+        self.via = via
+        self.wait = wait
+        self.interval = interval
+        self.resume = Resume(client.resilience, client.reconnect_limit)
+        self._after = after
+        self._stream: AsyncIterator[Message] | None = None
+        self._closed = False
+
+    def __aiter__(self) -> AsyncSubscription:
+        return self
+
+    async def __aenter__(self) -> AsyncSubscription:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        await self._drop()
+
+    async def _drop(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
+
+    async def __anext__(self) -> Message:
+        while not self._closed:
+            try:
+                if self._stream is None:
+                    if self.resume.cursor is None:
+                        start = self._after or (await self.client.info(self.channel))["last_id"]
+                        self.resume.start(start)
+                    self._stream = self._open(self.resume.after())
+                message = await anext(self._stream)
+            except StopAsyncIteration:
+                await self._drop()
+                await self.client._sleep(self.resume.ended())
+                continue
+            except ClientError as error:
+                await self._drop()
+                await self.client._sleep(self.resume.failed(error))
+                continue
+            if self.resume.accept(message):
+                return message
+        raise StopAsyncIteration
+
+    def _open(self, after: int) -> AsyncIterator[Message]:
+        opener = {
+            "sse": self._sse,
+            "ws": self._ws,
+            "tcp": self._tcp,
+            "longpoll": self._longpoll,
+            "poll": self._poll,
+        }[self.via]
+        return opener(after)
+
+    async def _sse(self, after: int) -> AsyncIterator[Message]:
+        http = self.client._http
+        request = http.build_request(
+            "GET",
+            channel_path(self.channel, "/events"),
+            headers={"last-event-id": format_id(after), "accept": "text/event-stream"},
+            timeout=httpx.Timeout(self.client.timeout.connect, read=60.0),
+        )
+        try:
+            response = await http.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise translate(exc, self.client.url) from exc
+        try:
+            if response.status_code >= 400:
+                await response.aread()
+                self.client.outcome(response)
+            parser = EventParser()
+            try:
+                async for chunk in response.aiter_raw():
+                    parser.receive_data(chunk)
+                    for event in parser.events():
+                        yield Message.from_document(_json(event.data))
+            except httpx.HTTPError as exc:
+                raise translate(exc, self.client.url) from exc
+            if parser.retry is not None:
+                self.resume.server_retry = parser.retry / 1000
+        finally:
+            await response.aclose()
+
+    async def _ws(self, after: int) -> AsyncIterator[Message]:
+        url = f"{self.client.ws_url}{channel_path(self.channel, '/ws')}?after={format_id(after)}"
+        try:
+            connection = await websockets.asyncio.client.connect(
+                url, open_timeout=self.client.timeout.connect, max_size=None
+            )
+        except (OSError, websockets.exceptions.WebSocketException) as exc:
+            raise HubUnreachable(f"cannot open {url}: {exc}") from exc
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(60.0):
+                        raw = await connection.recv()
+                except TimeoutError as exc:
+                    raise HubUnreachable("no data from the hub for 60 s") from exc
+                except websockets.exceptions.ConnectionClosed as exc:
+                    code = exc.rcvd.code if exc.rcvd else 1006
+                    raise close_error(code, exc.rcvd.reason if exc.rcvd else "") from exc
+                yield Message.from_document(_json(raw))
+        finally:
+            await connection.close()
+
+    async def _tcp(self, after: int) -> AsyncIterator[Message]:
+        try:
+            async with asyncio.timeout(self.client.timeout.connect):
+                reader, writer = await asyncio.open_connection(
+                    self.client.host, self.client.tcp_port
+                )
+        except (OSError, TimeoutError) as exc:
+            raise HubUnreachable(f"cannot connect over TCP: {exc}") from exc
+        codec = f.Connection(f.Role.CLIENT)
+
+        async def next_frame() -> f.Event:
+            while (event := codec.next_event()) is f.NEED_DATA:
+                try:
+                    async with asyncio.timeout(60.0):
+                        codec.receive_data(await reader.read(65536))
+                except (OSError, TimeoutError) as exc:
+                    raise HubUnreachable(f"the TCP connection broke: {exc}") from exc
+            return event
+
+        try:
+            writer.write(codec.send(f.Hello(versions=f.VERSIONS)))
+            if not isinstance(await next_frame(), f.Welcome):
+                raise ProtocolViolation("the hub did not answer HELLO with WELCOME")
+            writer.write(codec.send(f.Subscribe(request=1, channel=self.channel, after=after)))
+            while True:
+                event = await next_frame()
+                if isinstance(event, f.Message):
+                    yield Message.from_frame(
+                        event.channel, event.seq, event.time_ms, event.content_type, event.data
+                    )
+                elif isinstance(event, f.Error):
+                    raise tcp_error(event)
+                elif event is f.CONNECTION_CLOSED:
+                    return
+        except f.ProtocolError as exc:
+            raise ProtocolViolation(f"TCP protocol error: {exc}") from exc
+        finally:
+            writer.close()
+
+    async def _longpoll(self, after: int) -> AsyncIterator[Message]:
+        cursor = format_id(after)
+        while True:
+            page = await self.client.poll(self.channel, after=cursor, wait=self.wait)
+            for message in page.messages:
+                yield message
+            cursor = page.next_after
+
+    async def _poll(self, after: int) -> AsyncIterator[Message]:
+        cursor = format_id(after)
+        while True:
+            page = await self.client.poll(self.channel, after=cursor)
+            for message in page.messages:
+                yield message
+            cursor = page.next_after
+            if not page.messages:
+                await self.client._sleep(self.interval)

@@ -1,0 +1,74 @@
+"""What subscriptions share, sync or async: the cursor they resume from and when to retry.
+
+A subscription yields each message once, in order: :meth:`Resume.accept` drops anything at or
+before the cursor (a transport may repeat a message across a reconnection), and every
+reconnection asks for what comes after the cursor. Failures that the hub may recover from
+(unreachable, overloaded, restarting, slow-consumer cut) are retried with backoff for as long as
+it takes, or ``reconnect_limit`` times in a row; a refusal (bad channel name, bad cursor) is
+raised to the caller at once.
+"""
+
+from __future__ import annotations
+
+from ..wire import parse_id
+from .errors import CircuitOpen, ClientError, HubError, HubUnreachable
+from .models import Message
+from .resilience import Resilience, is_retryable
+
+#: WebSocket close codes that mean "the request was refused", as opposed to "try again".
+_REFUSALS = {4000: 400, 1008: 403}
+
+
+def close_error(code: int, reason: str) -> ClientError:
+    """A WebSocket close as the exception it stands for."""
+    status = _REFUSALS.get(code)
+    if status is not None:
+        return HubError(status, {"title": f"WebSocket closed with {code}", "detail": reason})
+    return HubUnreachable(f"the hub closed the WebSocket ({code} {reason})".strip())
+
+
+class Resume:
+    def __init__(self, resilience: Resilience, reconnect_limit: int | None) -> None:
+        self.resilience = resilience
+        self.reconnect_limit = reconnect_limit
+        self.cursor: int | None = None
+        self.failures = 0
+        #: The reconnection delay the hub asked for (SSE ``retry:``), in seconds.
+        self.server_retry: float | None = None
+
+    def start(self, cursor: str) -> None:
+        """Begin after message ``cursor`` (an id)."""
+        self.cursor = parse_id(cursor)
+
+    def after(self) -> int:
+        assert self.cursor is not None
+        return self.cursor
+
+    def accept(self, message: Message) -> bool:
+        """Is ``message`` new? If so it becomes the cursor."""
+        assert self.cursor is not None
+        if message.seq <= self.cursor:
+            return False
+        self.cursor = message.seq
+        self.failures = 0
+        return True
+
+    def failed(self, error: ClientError) -> float:
+        """The delay before reconnecting after ``error``; raises it when it is final."""
+        if isinstance(error, CircuitOpen):
+            # The client's breaker is open: wait for its probe, then try (as the probe).
+            self.failures += 1
+            return max(error.retry_in, self.resilience.retry.delay(1, error, self.resilience.rand))
+        if not is_retryable(error):
+            raise error
+        self.failures += 1
+        if self.reconnect_limit is not None and self.failures > self.reconnect_limit:
+            raise error
+        return self.resilience.retry.delay(self.failures, error, self.resilience.rand)
+
+    def ended(self) -> float:
+        """The delay before reconnecting after the hub ended the stream cleanly (it is shutting
+        down, or it cut a slow consumer)."""
+        error = HubUnreachable("the hub ended the stream")
+        delay = self.failed(error)
+        return max(delay, self.server_retry or 0.0)
