@@ -106,6 +106,8 @@ class HubProcess:
             "127.0.0.1",
             "--port",
             "0",
+            "--tcp-port",
+            "0",  # a fixed TCP port would clash with any other hub on the machine
             "--data-dir",
             str(self.data_dir),
             *self.extra_args,
