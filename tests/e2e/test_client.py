@@ -185,3 +185,34 @@ def test_cli_subscribe_prints_json_lines_and_stops_on_ctrl_c(hub: HubProcess) ->
 
 def test_async_client_is_importable_next_to_asyncio() -> None:
     assert asyncio.iscoroutinefunction(AsyncClient.publish)
+
+
+@pytest.mark.parametrize("via", ["sse", "ws", "tcp", "longpoll"])
+async def test_async_subscription_survives_kill_9_and_restart(
+    hub_factory: type[HubProcess], via: str
+) -> None:
+    port, tcp_port = free_port(), free_port()
+    hub = hub_factory("--port", str(port), "--tcp-port", str(tcp_port)).start()
+    async with AsyncClient(hub.url, tcp_port=tcp_port, retry=FAST_RETRY) as client:
+        subscription = client.subscribe("news", via=via, after="0", wait=2, interval=0.05)
+        received: list[int] = []
+
+        async def consume() -> None:
+            async for message in subscription:
+                received.append(message.data["n"])
+                if len(received) == 20:
+                    return
+
+        consumer = asyncio.create_task(consume())
+        for i in range(10):
+            await client.publish("news", {"n": i})
+        while len(received) < 10:
+            await asyncio.sleep(0.02)
+        await asyncio.to_thread(hub.kill)
+        await asyncio.to_thread(hub.start)
+        async with AsyncClient(hub.url, resilience=Resilience(breaker=None)) as publisher:
+            for i in range(10, 20):
+                await publisher.publish("news", {"n": i})
+        await asyncio.wait_for(consumer, 30)
+        await subscription.aclose()
+    assert received == list(range(20))
