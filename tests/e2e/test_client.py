@@ -18,6 +18,7 @@ import pytest
 from backchannel.client import (
     VIAS,
     AsyncClient,
+    CircuitBreaker,
     Client,
     HubError,
     Message,
@@ -29,6 +30,11 @@ from .conftest import HubProcess
 
 pytestmark = pytest.mark.e2e
 FAST_RETRY = RetryPolicy(attempts=4, base=0.05, cap=0.5)
+
+
+def fast_breaker() -> CircuitBreaker:
+    """A breaker that probes again soon, so that tests of a restarting hub stay short."""
+    return CircuitBreaker(threshold=5, reset_after=0.5)
 
 
 def free_port() -> int:
@@ -75,7 +81,7 @@ def test_subscription_survives_kill_9_and_restart(hub_factory: type[HubProcess],
     hub = hub_factory("--port", str(port), "--tcp-port", str(tcp_port)).start()
     received: list[str] = []
     failure: list[BaseException] = []
-    client = Client(hub.url, tcp_port=hub.tcp_port, retry=FAST_RETRY)
+    client = Client(hub.url, tcp_port=hub.tcp_port, retry=FAST_RETRY, breaker=fast_breaker())
     subscription = client.subscribe("news", via=via, after="0", wait=2, interval=0.05)
 
     def consume() -> None:
@@ -193,7 +199,9 @@ async def test_async_subscription_survives_kill_9_and_restart(
 ) -> None:
     port, tcp_port = free_port(), free_port()
     hub = hub_factory("--port", str(port), "--tcp-port", str(tcp_port)).start()
-    async with AsyncClient(hub.url, tcp_port=tcp_port, retry=FAST_RETRY) as client:
+    async with AsyncClient(
+        hub.url, tcp_port=tcp_port, retry=FAST_RETRY, breaker=fast_breaker()
+    ) as client:
         subscription = client.subscribe("news", via=via, after="0", wait=2, interval=0.05)
         received: list[int] = []
 

@@ -14,11 +14,11 @@ import websockets.exceptions
 from ..wire import format_id
 from ..wire import frames as f
 from ..wire.sse import EventParser
-from ._base import VIAS, BaseClient, Call, channel_path, translate
+from ._base import BaseClient, Call, channel_path, translate
 from .errors import ClientError, HubUnreachable, ProtocolViolation
 from .models import Message, Page, Published
 from .resilience import BreakerState
-from .subscription import Resume, close_error
+from .subscription import Resume, Spec, close_error
 from .sync import _default_url, _json, tcp_error
 
 
@@ -142,29 +142,15 @@ class AsyncClient(BaseClient):
         interval: float = 1.0,
     ) -> AsyncSubscription:
         """An async iterator of the channel's messages; see :meth:`.sync.Client.subscribe`."""
-        if via not in VIAS:
-            raise ValueError(f"via must be one of {', '.join(VIAS)}")
-        return AsyncSubscription(self, channel, via, after, wait=wait, interval=interval)
+        return AsyncSubscription(self, Spec(channel, via, after, wait, interval))
 
 
 class AsyncSubscription(AsyncIterator[Message]):
-    def __init__(
-        self,
-        client: AsyncClient,
-        channel: str,
-        via: str,
-        after: str | None,
-        *,
-        wait: float,
-        interval: float,
-    ) -> None:
+    def __init__(self, client: AsyncClient, spec: Spec) -> None:
         self.client = client
-        self.channel = channel
-        self.via = via
-        self.wait = wait
-        self.interval = interval
+        self.spec = spec
+        self.channel = spec.channel
         self.resume = Resume(client.resilience, client.reconnect_limit)
-        self._after = after
         self._stream: AsyncIterator[Message] | None = None
         self._closed = False
 
@@ -194,7 +180,7 @@ class AsyncSubscription(AsyncIterator[Message]):
             try:
                 if self._stream is None:
                     if self.resume.cursor is None:
-                        start = self._after or (await self.client.info(self.channel))["last_id"]
+                        start = self.spec.after or (await self.client.info(self.channel))["last_id"]
                         self.resume.start(start)
                     self._stream = self._open(self.resume.after())
                 message = await anext(self._stream)
@@ -217,7 +203,7 @@ class AsyncSubscription(AsyncIterator[Message]):
             "tcp": self._tcp,
             "longpoll": self._longpoll,
             "poll": self._poll,
-        }[self.via]
+        }[self.spec.via]
         return opener(after)
 
     async def _sse(self, after: int) -> AsyncIterator[Message]:
@@ -313,7 +299,7 @@ class AsyncSubscription(AsyncIterator[Message]):
     async def _longpoll(self, after: int) -> AsyncIterator[Message]:
         cursor = format_id(after)
         while True:
-            page = await self.client.poll(self.channel, after=cursor, wait=self.wait)
+            page = await self.client.poll(self.channel, after=cursor, wait=self.spec.wait)
             for message in page.messages:
                 yield message
             cursor = page.next_after
@@ -326,4 +312,4 @@ class AsyncSubscription(AsyncIterator[Message]):
                 yield message
             cursor = page.next_after
             if not page.messages:
-                await self.client._sleep(self.interval)
+                await self.client._sleep(self.spec.interval)

@@ -10,7 +10,10 @@ raised to the caller at once.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..wire import parse_id
+from ._base import VIAS
 from .errors import CircuitOpen, ClientError, HubError, HubUnreachable
 from .models import Message
 from .resilience import Resilience, is_retryable
@@ -25,6 +28,23 @@ def close_error(code: int, reason: str) -> ClientError:
     if status is not None:
         return HubError(status, {"title": f"WebSocket closed with {code}", "detail": reason})
     return HubUnreachable(f"the hub closed the WebSocket ({code} {reason})".strip())
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    """What a subscription asks for (see ``Client.subscribe``)."""
+
+    channel: str
+    via: str
+    after: str | None
+    wait: float
+    interval: float
+
+    def __post_init__(self) -> None:
+        if self.via not in VIAS:
+            raise ValueError(f"via must be one of {', '.join(VIAS)}")
+        if self.after is not None:
+            parse_id(self.after)  # a bad cursor is refused before anything is sent
 
 
 class Resume:

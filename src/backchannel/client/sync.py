@@ -16,11 +16,11 @@ import websockets.sync.client
 from ..wire import format_id
 from ..wire import frames as f
 from ..wire.sse import EventParser
-from ._base import VIAS, BaseClient, Call, channel_path, translate
+from ._base import BaseClient, Call, channel_path, translate
 from .errors import ClientError, HubError, HubUnreachable, ProtocolViolation
 from .models import Message, Page, Published
 from .resilience import BreakerState
-from .subscription import Resume, close_error
+from .subscription import Resume, Spec, close_error
 
 
 class Client(BaseClient):
@@ -147,29 +147,15 @@ class Client(BaseClient):
         ``via``: ``"sse"``, ``"ws"``, ``"tcp"``, ``"longpoll"`` (``wait`` seconds a request) or
         ``"poll"`` (every ``interval`` seconds). It reconnects by itself and resumes after the
         last message it yielded: nothing is lost or repeated."""
-        if via not in VIAS:
-            raise ValueError(f"via must be one of {', '.join(VIAS)}")
-        return Subscription(self, channel, via, after, wait=wait, interval=interval)
+        return Subscription(self, Spec(channel, via, after, wait, interval))
 
 
 class Subscription(Iterator[Message]):
-    def __init__(
-        self,
-        client: Client,
-        channel: str,
-        via: str,
-        after: str | None,
-        *,
-        wait: float,
-        interval: float,
-    ) -> None:
+    def __init__(self, client: Client, spec: Spec) -> None:
         self.client = client
-        self.channel = channel
-        self.via = via
-        self.wait = wait
-        self.interval = interval
+        self.spec = spec
+        self.channel = spec.channel
         self.resume = Resume(client.resilience, client.reconnect_limit)
-        self._after = after
         self._stream: Iterator[Message] | None = None
         self._closer: Callable[[], None] | None = None
         self._closed = False
@@ -199,7 +185,7 @@ class Subscription(Iterator[Message]):
             try:
                 if self._stream is None:
                     if self.resume.cursor is None:
-                        start = self._after or self.client.info(self.channel)["last_id"]
+                        start = self.spec.after or self.client.info(self.channel)["last_id"]
                         self.resume.start(start)
                     self._stream = self._open(self.resume.after())
                 message = next(self._stream)
@@ -222,7 +208,7 @@ class Subscription(Iterator[Message]):
             "tcp": self._tcp,
             "longpoll": self._longpoll,
             "poll": self._poll,
-        }[self.via]
+        }[self.spec.via]
         return opener(after)
 
     def _sse(self, after: int) -> Iterator[Message]:
@@ -317,7 +303,7 @@ class Subscription(Iterator[Message]):
     def _longpoll(self, after: int) -> Iterator[Message]:
         cursor = format_id(after)
         while True:
-            page = self.client.poll(self.channel, after=cursor, wait=self.wait)
+            page = self.client.poll(self.channel, after=cursor, wait=self.spec.wait)
             yield from page.messages
             cursor = page.next_after
 
@@ -328,7 +314,7 @@ class Subscription(Iterator[Message]):
             yield from page.messages
             cursor = page.next_after
             if not page.messages:
-                self.client._sleep(self.interval)
+                self.client._sleep(self.spec.interval)
 
 
 def tcp_error(event: f.Error) -> ClientError:
