@@ -1,11 +1,12 @@
 """The embedded store: one SQLite file in WAL mode, written by one thread with group commit.
 
-Writes (appends, retention changes, trims) go to a single writer thread through a queue. The
-thread takes everything queued, applies it in one transaction and commits once, so many
-concurrent publishes share one commit. Only then are the callers' futures resolved: a publish
-is acknowledged after its transaction is in the WAL file. With ``synchronous=normal`` (the
-default) that survives a crash or ``kill -9`` of the process; ``synchronous=full`` also
-fsyncs each commit, which survives a power loss, at the cost of one fsync per batch.
+Writes (appends, retention changes, trims, job changes) go to a single writer thread through a
+queue. The thread takes everything queued, applies it in one transaction and commits once, so
+many concurrent publishes share one commit. Only then are the callers' futures resolved and the
+listeners told: a publish is acknowledged after its transaction is in the WAL file. With
+``synchronous=normal`` (the default) that survives a crash or ``kill -9`` of the process;
+``synchronous=full`` also fsyncs each commit, which survives a power loss, at the cost of one
+fsync per batch.
 
 Reads run on a small pool of threads, each with its own connection. WAL lets them read the
 last commit while the writer writes.
@@ -31,13 +32,16 @@ from typing import Any, Literal
 
 from ..core.channels import Retention
 from ..core.errors import BackchannelError, IdempotencyKeyReused, Unavailable
+from ..core.jobs import Job, JobState
 from ..core.messages import Appended, ChannelStats, Draft, Message
-from ..core.store import Listener
+from ..core.store import JobListener, Listener
 from .base import DEFAULT_IDEMPOTENCY_TTL_MS, DEFAULT_RETENTION
 
 log = logging.getLogger("backchannel.store.sqlite")
 
-SCHEMA_VERSION = 1
+# 2 added the job tables. Every statement of the schema is CREATE ... IF NOT EXISTS, so running
+# it on an older file upgrades it in place.
+SCHEMA_VERSION = 2
 MAX_BATCH = 1024
 
 _SCHEMA = """
@@ -67,6 +71,33 @@ CREATE TABLE IF NOT EXISTS idempotency (
     PRIMARY KEY (channel_id, key)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS idempotency_expiry ON idempotency (expires_ms);
+CREATE TABLE IF NOT EXISTS jobs (
+    id               TEXT    NOT NULL PRIMARY KEY,
+    queue            TEXT    NOT NULL,
+    state            TEXT    NOT NULL,
+    payload          BLOB    NOT NULL,
+    attempts         INTEGER NOT NULL,
+    max_attempts     INTEGER NOT NULL,
+    created_ms       INTEGER NOT NULL,
+    updated_ms       INTEGER NOT NULL,
+    version          INTEGER NOT NULL,
+    progress         BLOB,
+    result           BLOB,
+    error            TEXT,
+    lease            TEXT,
+    lease_expires_ms INTEGER,
+    cancel_requested INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_waiting ON jobs (queue, state, created_ms);
+CREATE INDEX IF NOT EXISTS jobs_lease ON jobs (state, lease_expires_ms);
+CREATE TABLE IF NOT EXISTS job_keys (
+    queue        TEXT    NOT NULL,
+    key          TEXT    NOT NULL,
+    job_id       TEXT    NOT NULL,
+    expires_ms   INTEGER NOT NULL,
+    PRIMARY KEY (queue, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS job_keys_expiry ON job_keys (expires_ms);
 """
 
 _READ = """
@@ -88,6 +119,124 @@ FROM channels AS c LEFT JOIN messages AS m
 WHERE c.name = ?
 GROUP BY c.id
 """
+
+
+# The order of _job_values and _job_from_row.
+_JOB_FIELDS = (
+    "id",
+    "queue",
+    "state",
+    "payload",
+    "attempts",
+    "max_attempts",
+    "created_ms",
+    "updated_ms",
+    "version",
+    "progress",
+    "result",
+    "error",
+    "lease",
+    "lease_expires_ms",
+    "cancel_requested",
+)
+_JOB_COLUMNS = ", ".join(_JOB_FIELDS)
+_JOB_INSERT = f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES ({', '.join('?' * len(_JOB_FIELDS))})"
+# Sets every column but the id: takes _job_values(job)[1:], then the id and the version the
+# stored row must still have.
+_JOB_UPDATE = (
+    "UPDATE jobs SET "
+    + ", ".join(f"{field} = ?" for field in _JOB_FIELDS[1:])
+    + " WHERE id = ? AND version = ?"
+)
+# A key whose job was trimmed finds nothing: the key is free again.
+_JOB_BY_KEY = f"""
+SELECT {_JOB_COLUMNS} FROM jobs
+WHERE id = (SELECT job_id FROM job_keys WHERE queue = ? AND key = ? AND expires_ms > ?)
+"""
+
+# Each half is limited on its own so that both walk jobs_waiting in order and stop early,
+# instead of sorting every queued job of the queue; the outer query puts them one after the
+# other in a single statement, so both halves read the same snapshot.
+_JOB_CANDIDATES = f"""
+SELECT {_JOB_COLUMNS} FROM (
+    SELECT 0 AS expired, * FROM (
+        SELECT * FROM jobs WHERE queue = ? AND state = 'queued'
+        ORDER BY created_ms, id LIMIT ?
+    )
+    UNION ALL
+    SELECT 1 AS expired, * FROM (
+        SELECT * FROM jobs WHERE queue = ? AND state = 'running' AND lease_expires_ms <= ?
+        ORDER BY created_ms, id LIMIT ?
+    )
+)
+ORDER BY expired, created_ms, id
+LIMIT ?
+"""
+
+_JOB_TRIM = f"""
+DELETE FROM jobs
+WHERE state IN ({", ".join(f"'{state.value}'" for state in JobState if state.finished)})
+  AND updated_ms < ?
+"""
+
+
+def _job_values(job: Job) -> tuple[Any, ...]:
+    """The job as the values of ``_JOB_FIELDS``, in that order."""
+    return (
+        job.id,
+        job.queue,
+        job.state.value,
+        job.payload,
+        job.attempts,
+        job.max_attempts,
+        job.created_ms,
+        job.updated_ms,
+        job.version,
+        job.progress,
+        job.result,
+        job.error,
+        job.lease,
+        job.lease_expires_ms,
+        int(job.cancel_requested),
+    )
+
+
+def _job_from_row(row: tuple[Any, ...]) -> Job:
+    """The job from a row of ``_JOB_FIELDS``."""
+    (
+        job_id,
+        queue_name,
+        state,
+        payload,
+        attempts,
+        max_attempts,
+        created_ms,
+        updated_ms,
+        version,
+        progress,
+        result,
+        error,
+        lease,
+        lease_expires_ms,
+        cancel_requested,
+    ) = row
+    return Job(
+        id=job_id,
+        queue=queue_name,
+        state=JobState(state),
+        payload=bytes(payload),
+        attempts=attempts,
+        max_attempts=max_attempts,
+        created_ms=created_ms,
+        updated_ms=updated_ms,
+        version=version,
+        progress=None if progress is None else bytes(progress),
+        result=None if result is None else bytes(result),
+        error=error,
+        lease=lease,
+        lease_expires_ms=lease_expires_ms,
+        cancel_requested=bool(cancel_requested),
+    )
 
 
 class StoreLocked(Unavailable):
@@ -135,6 +284,7 @@ class SQLiteStore:
         self.synchronous = synchronous
         self._readers = readers
         self._listeners: list[Listener] = []
+        self._job_listeners: list[JobListener] = []
         self._ops: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -149,6 +299,7 @@ class SQLiteStore:
         self._touched: dict[str, _ChannelRow] = {}
         self._appended: dict[str, list[Message]] = {}
         self._created: list[str] = []  # channels the operation being applied created
+        self._jobs_changed: list[Job] = []  # jobs the operation being applied stored
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -228,6 +379,9 @@ class SQLiteStore:
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
 
+    def add_job_listener(self, listener: JobListener) -> None:
+        self._job_listeners.append(listener)
+
     # -- the writer thread --------------------------------------------------------------------
 
     async def _write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
@@ -266,6 +420,9 @@ class SQLiteStore:
         self._touched = touched
         appended: dict[str, list[Message]] = {}
         self._appended = appended
+        # Kept per operation and added here only once it succeeded: listeners must not hear of
+        # a change its savepoint took back.
+        jobs_changed: list[Job] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op in batch:
@@ -273,6 +430,7 @@ class SQLiteStore:
                 # not those of the other callers sharing the commit.
                 conn.execute("SAVEPOINT op")
                 self._created = []
+                self._jobs_changed = []
                 try:
                     result = op.fn(conn)
                 except BackchannelError as exc:  # refused before writing anything
@@ -288,6 +446,7 @@ class SQLiteStore:
                     outcomes.append((op, None, Unavailable(f"the store could not write: {exc}")))
                 else:
                     outcomes.append((op, result, None))
+                    jobs_changed.extend(self._jobs_changed)
                 conn.execute("RELEASE op")
             for row in touched.values():
                 conn.execute(
@@ -308,14 +467,16 @@ class SQLiteStore:
             failure = Unavailable(f"the store could not write: {exc}")
             outcomes = [(op, None, failure) for op in batch]
             appended = {}
+            jobs_changed = []
         assert self._loop is not None
         notify = list(appended.items())
-        self._loop.call_soon_threadsafe(self._deliver, outcomes, notify)
+        self._loop.call_soon_threadsafe(self._deliver, outcomes, notify, jobs_changed)
 
     def _deliver(
         self,
         outcomes: list[tuple[_Op, Any, BaseException | None]],
         notify: list[tuple[str, list[Message]]],
+        jobs_changed: list[Job],
     ) -> None:
         for op, result, error in outcomes:
             if op.future.done():
@@ -327,6 +488,9 @@ class SQLiteStore:
         for channel, messages in notify:
             for listener in self._listeners:
                 listener(channel, messages)
+        for job in jobs_changed:
+            for job_listener in self._job_listeners:
+                job_listener(job)
 
     def _channel(self, conn: sqlite3.Connection, name: str) -> _ChannelRow:
         row = self._channels.get(name)
@@ -514,3 +678,80 @@ class SQLiteStore:
         if found is None:
             return self.default_retention
         return self.default_retention.override(*found)
+
+    # -- jobs ---------------------------------------------------------------------------------
+
+    async def job_create(
+        self, job: Job, *, idempotency_key: str | None, now_ms: int
+    ) -> tuple[Job, bool]:
+        def run(conn: sqlite3.Connection) -> tuple[Job, bool]:
+            if idempotency_key is not None:
+                earlier = conn.execute(_JOB_BY_KEY, (job.queue, idempotency_key, now_ms)).fetchone()
+                if earlier is not None:
+                    return _job_from_row(earlier), True
+                conn.execute(
+                    "INSERT OR REPLACE INTO job_keys (queue, key, job_id, expires_ms) "
+                    "VALUES (?, ?, ?, ?)",
+                    (job.queue, idempotency_key, job.id, now_ms + self.idempotency_ttl_ms),
+                )
+            conn.execute(_JOB_INSERT, _job_values(job))
+            self._jobs_changed.append(job)
+            return job, False
+
+        result: tuple[Job, bool] = await self._write(run)
+        return result
+
+    async def job_update(self, job: Job) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            # Compare-and-set: the row changes only if it is still the version this one follows,
+            # which an earlier operation of the same batch may already have moved on.
+            cursor = conn.execute(_JOB_UPDATE, (*_job_values(job)[1:], job.id, job.version - 1))
+            if cursor.rowcount != 1:
+                return False
+            self._jobs_changed.append(job)
+            return True
+
+        updated: bool = await self._write(run)
+        return updated
+
+    async def job_trim(self, *, now_ms: int, keep_ms: int) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            cursor = conn.execute(_JOB_TRIM, (now_ms - keep_ms,))
+            conn.execute("DELETE FROM job_keys WHERE expires_ms <= ?", (now_ms,))
+            return cursor.rowcount
+
+        removed: int = await self._write(run)
+        return removed
+
+    async def job_get(self, job_id: str) -> Job | None:
+        def run(conn: sqlite3.Connection) -> Job | None:
+            found = conn.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone()
+            return None if found is None else _job_from_row(found)
+
+        result: Job | None = await self._read(run)
+        return result
+
+    async def job_candidates(self, queue: str, *, now_ms: int, limit: int) -> list[Job]:
+        def run(conn: sqlite3.Connection) -> list[Job]:
+            rows = conn.execute(
+                _JOB_CANDIDATES, (queue, limit, queue, now_ms, limit, limit)
+            ).fetchall()
+            return [_job_from_row(row) for row in rows]
+
+        result: list[Job] = await self._read(run)
+        return result
+
+    async def job_expired(self, *, now_ms: int, limit: int) -> list[Job]:
+        def run(conn: sqlite3.Connection) -> list[Job]:
+            rows = conn.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs "
+                "WHERE state = 'running' AND lease_expires_ms <= ? "
+                "ORDER BY lease_expires_ms, id LIMIT ?",
+                (now_ms, limit),
+            ).fetchall()
+            return [_job_from_row(row) for row in rows]
+
+        result: list[Job] = await self._read(run)
+        return result
