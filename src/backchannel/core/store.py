@@ -13,6 +13,9 @@ behaviour suite in ``tests/store`` checks them):
 - An ``idempotency_key`` already used in the channel within the key's lifetime returns the
   first message with ``replayed=True``; with a different ``digest`` it raises
   :class:`~backchannel.core.errors.IdempotencyKeyReused`.
+- Jobs are kept with a ``version``: ``job_update`` replaces a job only if the stored one is the
+  version before it (compare-and-set), so concurrent changes from several hub processes
+  cannot both win. Job listeners hear every stored change, from any process.
 - Listeners are called on the event loop with ``(channel, messages)`` after messages are
   durably appended: the new messages of one channel, in sequence order, as many as were
   committed together. A store shared by several hub processes calls them for appends made by
@@ -25,9 +28,11 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from .channels import Retention
+from .jobs import Job
 from .messages import Appended, ChannelStats, Draft, Message
 
 Listener = Callable[[str, Sequence[Message]], None]
+JobListener = Callable[[Job], None]
 
 
 class Store(Protocol):
@@ -60,3 +65,28 @@ class Store(Protocol):
 
     async def trim(self, *, now_ms: int) -> int:
         """Delete expired messages and idempotency keys; return how many messages went."""
+
+    # -- jobs ---------------------------------------------------------------------------------
+
+    def add_job_listener(self, listener: JobListener) -> None: ...
+
+    async def job_create(
+        self, job: Job, *, idempotency_key: str | None, now_ms: int
+    ) -> tuple[Job, bool]:
+        """Store a new job. If ``idempotency_key`` was used for a job of the same queue within
+        the key's lifetime, store nothing and return that job, with True."""
+
+    async def job_get(self, job_id: str) -> Job | None: ...
+
+    async def job_update(self, job: Job) -> bool:
+        """Store ``job`` if the stored one has version ``job.version - 1``; False if not."""
+
+    async def job_candidates(self, queue: str, *, now_ms: int, limit: int) -> list[Job]:
+        """Jobs a worker of ``queue`` could take now, oldest first: queued ones, and running
+        ones whose lease has expired."""
+
+    async def job_expired(self, *, now_ms: int, limit: int) -> list[Job]:
+        """Running jobs of any queue whose lease has expired."""
+
+    async def job_trim(self, *, now_ms: int, keep_ms: int) -> int:
+        """Delete jobs that finished more than ``keep_ms`` ago; return how many."""

@@ -25,6 +25,8 @@ from ..core.errors import (
     Unavailable,
 )
 from ..core.hub import Hub
+from ..core.jobqueue import JobQueue
+from ..core.jobs import JobFinished, JobNotFound, LeaseLost
 from ..core.store import Store
 from ..store import open_store
 from . import openapi
@@ -60,6 +62,7 @@ class BackchannelApp:
                 else "normal",
             )
         self.hub = Hub(store, limits=self.settings.limits, clock=clock)
+        self.jobs = JobQueue(store, limits=self.settings.job_limits, now_ms=self.hub.now_ms)
         self.heartbeats = Heartbeats(self.settings.sse_heartbeat)
         self.openapi_json = orjson.dumps(openapi.build(self.settings))
         self._start_lock = asyncio.Lock()
@@ -70,11 +73,13 @@ class BackchannelApp:
             self._stopped = False
             if not self.hub.started:
                 await self.hub.start()
+                self.jobs.start()
                 self.heartbeats.start()
 
     async def shutdown(self) -> None:
         self._stopped = True
         await self.heartbeats.stop()
+        await self.jobs.stop()
         await self.hub.stop()
 
     def origin_allowed(self, origin: str, host: str | None) -> bool:
@@ -176,8 +181,8 @@ def _error_response(exc: Exception, path: str, root: str) -> Response:
 def _problem_for(exc: BackchannelError) -> HTTPProblem:
     if isinstance(exc, InvalidRequest) and exc.kind in PROBLEM_TYPES:
         return HTTPProblem(exc.kind, exc.detail)
-    if isinstance(exc, IdempotencyKeyReused):
-        return HTTPProblem("idempotency-key-reused", exc.detail)
+    if isinstance(exc, IdempotencyKeyReused | JobNotFound | LeaseLost | JobFinished):
+        return HTTPProblem(exc.kind, exc.detail)
     if isinstance(exc, TooBusy | Unavailable):
         return HTTPProblem(exc.kind, exc.detail, headers=[RETRY_SOON])
     log.error("no problem type for %r", exc)

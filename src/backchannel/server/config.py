@@ -16,6 +16,7 @@ from typing import Any
 from ..core.channels import Retention
 from ..core.errors import InvalidRequest
 from ..core.hub import Limits
+from ..core.jobqueue import JobLimits
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
@@ -66,6 +67,10 @@ class Settings:
         "seconds, at most, a busy hub holds pushed messages so that one write carries several "
         "(0: write every message at once)",
     )
+    job_attempts: int = _setting(3, "attempts a job gets, unless its submit says otherwise")
+    job_lease: float = _setting(30.0, "seconds a claim leases a job for, unless it says otherwise")
+    job_max_lease: float = _setting(600.0, "longest lease a claim or heartbeat may ask for")
+    job_retention: float = _setting(86_400.0, "seconds a finished job and its result are kept")
     max_subscriptions: int = _setting(
         1000, "channels one WebSocket or TCP connection may subscribe to at once"
     )
@@ -124,6 +129,9 @@ class Settings:
             "max_outbound_bytes",
             "max_subscriptions",
             "sse_heartbeat",
+            "job_lease",
+            "job_max_lease",
+            "job_retention",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -138,6 +146,10 @@ class Settings:
             self.retention  # noqa: B018 - checks the bounds of the retention settings
         except InvalidRequest as exc:
             raise ValueError(f"retention_count or retention_age: {exc.detail}") from None
+        if not 1 <= self.job_attempts <= 100:
+            raise ValueError("job_attempts must be between 1 and 100")
+        if not 1 <= self.job_lease <= self.job_max_lease:
+            raise ValueError("job_lease must be at least 1 second and at most job_max_lease")
         if self.default_limit > self.max_limit:
             raise ValueError("default_limit must not exceed max_limit")
         for name in ("port", "tcp_port"):
@@ -168,6 +180,18 @@ class Settings:
             sweep_interval=self.sweep_interval,
             max_outbound_bytes=self.max_outbound_bytes,
             max_coalesce_delay=self.max_coalesce_delay,
+        )
+
+    @property
+    def job_limits(self) -> JobLimits:
+        return JobLimits(
+            max_payload_bytes=self.max_message_bytes,
+            default_attempts=self.job_attempts,
+            default_lease=self.job_lease,
+            max_lease=self.job_max_lease,
+            max_wait=self.max_wait,
+            retention=self.job_retention,
+            max_waiting=self.max_long_polls,
         )
 
     @property

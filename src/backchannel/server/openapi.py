@@ -250,6 +250,127 @@ def build(settings: Settings) -> dict[str, Any]:
             },
         },
     }
+    job_param = {
+        "name": "job",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+    }
+    queue_param = dict(channel, name="queue")
+    job_ok = _json(_ref("Job"), "The job")
+    worker_body = {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["lease"],
+                    "properties": {"lease": {"type": "string"}},
+                }
+            }
+        },
+    }
+    worker_problems = _problems("job-not-found", "lease-lost", "invalid-job", "malformed-json")
+    details.update(
+        {
+            ("POST", "/v1/queues/{queue}/jobs"): {
+                "parameters": [
+                    queue_param,
+                    {
+                        "name": "Prefer",
+                        "in": "header",
+                        "required": False,
+                        "description": "wait=N: answer 200 with the finished job if it ends in N s",
+                        "schema": {"type": "string"},
+                    },
+                    {
+                        "name": "Idempotency-Key",
+                        "in": "header",
+                        "required": False,
+                        "schema": {"type": "string"},
+                    },
+                    {
+                        "name": "max_attempts",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 100},
+                    },
+                ],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {}}}},
+                "responses": {
+                    "200": job_ok,
+                    "202": _json(_ref("Job"), "Accepted: poll its Location"),
+                    **_problems(
+                        "invalid-channel",
+                        "malformed-json",
+                        "message-too-large",
+                        "unsupported-media-type",
+                        "invalid-job",
+                    ),
+                },
+            },
+            ("GET", "/v1/jobs/{job}"): {
+                "parameters": [
+                    job_param,
+                    {
+                        "name": "wait",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "number", "minimum": 0, "maximum": settings.max_wait},
+                    },
+                    {
+                        "name": "version",
+                        "in": "query",
+                        "required": False,
+                        "description": "With wait: answer once the job's version passes this one.",
+                        "schema": {"type": "integer", "minimum": 0},
+                    },
+                ],
+                "responses": {
+                    "200": job_ok,
+                    **_problems("job-not-found", "invalid-parameter", "wait-out-of-range"),
+                },
+            },
+            ("DELETE", "/v1/jobs/{job}"): {
+                "parameters": [job_param],
+                "responses": {"200": job_ok, **_problems("job-not-found", "job-finished")},
+            },
+            ("POST", "/v1/queues/{queue}/claim"): {
+                "parameters": [
+                    queue_param,
+                    {
+                        "name": "wait",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "number", "minimum": 0, "maximum": settings.max_wait},
+                    },
+                    {
+                        "name": "lease",
+                        "in": "query",
+                        "required": False,
+                        "schema": {
+                            "type": "number",
+                            "minimum": 1,
+                            "maximum": settings.job_max_lease,
+                        },
+                    },
+                ],
+                "responses": {
+                    "200": job_ok,
+                    "204": {"description": "No job came in time"},
+                    **_problems("invalid-channel", "invalid-job", "wait-out-of-range"),
+                },
+            },
+            **{
+                ("POST", f"/v1/jobs/{{job}}/{action}"): {
+                    "parameters": [job_param],
+                    "requestBody": worker_body,
+                    "responses": {"200": job_ok, **worker_problems},
+                }
+                for action in ("heartbeat", "progress", "complete", "fail")
+            },
+        }
+    )
     paths: dict[str, dict[str, Any]] = {}
     for route in ROUTES:
         if route.method == "WEBSOCKET":  # OpenAPI does not describe WebSockets: protocol.md does
@@ -318,6 +439,26 @@ def build(settings: Settings) -> dict[str, Any]:
                             "type": "object",
                             "additionalProperties": {"type": "integer"},
                         },
+                    },
+                },
+                "Job": {
+                    "type": "object",
+                    "properties": {
+                        "id": {"type": "string"},
+                        "queue": {"type": "string"},
+                        "state": {"enum": ["queued", "running", "succeeded", "cancelled", "dead"]},
+                        "attempts": {"type": "integer"},
+                        "max_attempts": {"type": "integer"},
+                        "created": {"type": "string"},
+                        "updated": {"type": "string"},
+                        "version": {"type": "integer"},
+                        "payload": {},
+                        "progress": {},
+                        "result": {},
+                        "error": {"type": ["string", "null"]},
+                        "cancel_requested": {"type": "boolean"},
+                        "lease": {"type": ["string", "null"]},
+                        "lease_expires": {"type": ["string", "null"]},
                     },
                 },
                 "Problem": {

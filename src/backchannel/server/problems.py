@@ -146,6 +146,31 @@ _TYPES = [
         "The path exists but does not take this method; see the Allow header.",
     ),
     ProblemType(
+        "job-not-found",
+        404,
+        "Job not found",
+        "No job has this id, or it finished longer ago than the job retention.",
+    ),
+    ProblemType(
+        "lease-lost",
+        409,
+        "Lease lost",
+        "The job is not running under this lease any more: the lease expired (the job went "
+        "back to the queue or to another worker) or the job finished.",
+    ),
+    ProblemType(
+        "job-finished",
+        409,
+        "Job finished",
+        "The job has already finished: it cannot be cancelled.",
+    ),
+    ProblemType(
+        "invalid-job",
+        400,
+        "Invalid job request",
+        "A worker command lacks its lease or a field, or a lease or attempt count is out of range.",
+    ),
+    ProblemType(
         "origin-not-allowed",
         403,
         "Origin not allowed",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import channels, meta, sse, websocket
+from . import channels, jobs, meta, sse, websocket
 from .router import Route, ServeMux
 
 ROUTES = [
@@ -36,6 +36,34 @@ ROUTES = [
         "/v1/channels/{channel}",
         channels.configure_channel,
         "Set or clear the channel's own retention policy",
+    ),
+    Route(
+        "POST",
+        "/v1/queues/{queue}/jobs",
+        jobs.submit,
+        "Submit a job: 202 with Location, or 200 with the result under Prefer: wait=N",
+    ),
+    Route("GET", "/v1/jobs/{job}", jobs.get_job, "A job: short poll, or long poll with wait="),
+    Route(
+        "DELETE",
+        "/v1/jobs/{job}",
+        jobs.cancel_job,
+        "Cancel: a queued job never runs, a running one is asked to stop",
+    ),
+    Route(
+        "POST",
+        "/v1/queues/{queue}/claim",
+        jobs.claim,
+        "Workers: take the next job with a lease, waiting up to wait= seconds",
+    ),
+    Route("POST", "/v1/jobs/{job}/heartbeat", jobs.heartbeat, "Workers: extend the lease"),
+    Route("POST", "/v1/jobs/{job}/progress", jobs.progress, "Workers: report progress"),
+    Route("POST", "/v1/jobs/{job}/complete", jobs.complete, "Workers: finish with a result"),
+    Route(
+        "POST",
+        "/v1/jobs/{job}/fail",
+        jobs.fail,
+        "Workers: give up on an attempt (retried until max_attempts) or on the job",
     ),
     Route("GET", "/healthz", meta.healthz, "Liveness: the process answers"),
     Route("GET", "/readyz", meta.readyz, "Readiness: the store answers"),

@@ -59,6 +59,7 @@ class _Server(uvicorn.Server):
             self._tcp.stop_accepting()
         hub = self._app.hub
         hub.begin_shutdown()
+        self._app.jobs.begin_shutdown()
         # Let the streams send their own goodbyes (SSE retry:, WebSocket 1001) before uvicorn
         # closes what is left with its generic ones.
         deadline = asyncio.get_running_loop().time() + PUSH_GOODBYE_SECONDS

@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 
 from ..core.channels import Retention
 from ..core.errors import IdempotencyKeyReused, Unavailable
+from ..core.jobs import Job, JobState
 from ..core.messages import Appended, ChannelStats, Draft, Message
-from ..core.store import Listener
+from ..core.store import JobListener, Listener
 from .base import DEFAULT_IDEMPOTENCY_TTL_MS, DEFAULT_RETENTION
 
 
@@ -33,6 +34,9 @@ class MemoryStore:
         self.idempotency_ttl_ms = idempotency_ttl_ms
         self._channels: dict[str, _Channel] = {}
         self._listeners: list[Listener] = []
+        self._job_listeners: list[JobListener] = []
+        self._jobs: dict[str, Job] = {}  # in submission order
+        self._job_keys: dict[tuple[str, str], tuple[str, int]] = {}  # (queue, key): (id, expiry)
         self._open = False
 
     async def open(self) -> None:
@@ -151,3 +155,78 @@ class MemoryStore:
             state.messages = live
             state.keys = {k: v for k, v in state.keys.items() if v[2] > now_ms}
         return removed
+
+    # -- jobs ---------------------------------------------------------------------------------
+
+    def add_job_listener(self, listener: JobListener) -> None:
+        self._job_listeners.append(listener)
+
+    def _job_changed(self, job: Job) -> None:
+        loop = asyncio.get_running_loop()
+        for listener in self._job_listeners:
+            loop.call_soon(listener, job)
+
+    async def job_create(
+        self, job: Job, *, idempotency_key: str | None, now_ms: int
+    ) -> tuple[Job, bool]:
+        self._check()
+        if idempotency_key is not None:
+            earlier = self._job_keys.get((job.queue, idempotency_key))
+            if earlier is not None and earlier[1] > now_ms and earlier[0] in self._jobs:
+                return self._jobs[earlier[0]], True
+            self._job_keys[(job.queue, idempotency_key)] = (
+                job.id,
+                now_ms + self.idempotency_ttl_ms,
+            )
+        self._jobs[job.id] = job
+        self._job_changed(job)
+        return job, False
+
+    async def job_get(self, job_id: str) -> Job | None:
+        self._check()
+        return self._jobs.get(job_id)
+
+    async def job_update(self, job: Job) -> bool:
+        self._check()
+        stored = self._jobs.get(job.id)
+        if stored is None or stored.version != job.version - 1:
+            return False
+        self._jobs[job.id] = job
+        self._job_changed(job)
+        return True
+
+    async def job_candidates(self, queue: str, *, now_ms: int, limit: int) -> list[Job]:
+        self._check()
+        found = [
+            job for job in self._jobs.values() if job.queue == queue and _claimable(job, now_ms)
+        ]
+        found.sort(key=lambda job: (job.state is not JobState.QUEUED, job.created_ms))
+        return found[:limit]
+
+    async def job_expired(self, *, now_ms: int, limit: int) -> list[Job]:
+        self._check()
+        return [job for job in self._jobs.values() if _lease_expired(job, now_ms)][:limit]
+
+    async def job_trim(self, *, now_ms: int, keep_ms: int) -> int:
+        self._check()
+        old = [
+            job.id
+            for job in self._jobs.values()
+            if job.state.finished and job.updated_ms < now_ms - keep_ms
+        ]
+        for job_id in old:
+            del self._jobs[job_id]
+        self._job_keys = {k: v for k, v in self._job_keys.items() if v[1] > now_ms}
+        return len(old)
+
+
+def _lease_expired(job: Job, now_ms: int) -> bool:
+    return (
+        job.state is JobState.RUNNING
+        and job.lease_expires_ms is not None
+        and job.lease_expires_ms <= now_ms
+    )
+
+
+def _claimable(job: Job, now_ms: int) -> bool:
+    return job.state is JobState.QUEUED or _lease_expired(job, now_ms)

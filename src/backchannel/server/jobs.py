@@ -1,0 +1,202 @@
+"""HTTP endpoints of jobs: submit, watch (short poll, long poll), cancel; claim and finish.
+
+A job document embeds the payload, progress and result exactly as they were sent (JSON).
+``Prefer: wait=N`` (RFC 7240) on a submit turns the call synchronous when the job finishes in
+time. See ``docs/jobs.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+from typing import Any
+
+import orjson
+
+from ..core.jobs import Job
+from ..wire.jsonfmt import format_time
+from ..wire.payload import Encoding, InvalidPayload, encoding_for, validate_payload
+from .http import JSON, Request, Response
+from .problems import HTTPProblem
+
+NO_STORE = (b"cache-control", b"no-store")
+MAX_COMMAND_BYTES = 1 << 20
+_PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
+
+
+def job_document(job: Job, *, with_lease: bool = False) -> bytes:
+    def raw(value: bytes | None) -> Any:
+        return None if value is None else orjson.Fragment(value)
+
+    document: dict[str, Any] = {
+        "id": job.id,
+        "queue": job.queue,
+        "state": job.state.value,
+        "attempts": job.attempts,
+        "max_attempts": job.max_attempts,
+        "created": format_time(job.created_ms),
+        "updated": format_time(job.updated_ms),
+        "version": job.version,
+        "payload": raw(job.payload),
+        "progress": raw(job.progress),
+        "result": raw(job.result),
+        "error": job.error,
+        "cancel_requested": job.cancel_requested,
+    }
+    if with_lease:
+        document["lease"] = job.lease
+        document["lease_expires"] = (
+            format_time(job.lease_expires_ms) if job.lease_expires_ms is not None else None
+        )
+    return orjson.dumps(document)
+
+
+def _response(status: int, job: Job, *extra: tuple[bytes, bytes], lease: bool = False) -> Response:
+    headers = [NO_STORE, (b"etag", f'"{job.version}"'.encode()), *extra]
+    return Response(status, job_document(job, with_lease=lease), JSON, headers)
+
+
+def _json_body(body: bytes, what: str) -> None:
+    try:
+        validate_payload("application/json", body)
+    except InvalidPayload as exc:
+        raise HTTPProblem("malformed-json", f"{what} must be JSON: {exc.detail}") from None
+
+
+def _seconds(request: Request, name: str) -> float:
+    value = request.query().get(name)
+    if value is None:
+        return 0.0
+    try:
+        seconds = float(value) if len(value) <= 32 else math.nan
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds):
+        raise HTTPProblem("invalid-parameter", f"{name} must be a number of seconds")
+    return seconds
+
+
+def _whole(request: Request, name: str) -> int | None:
+    value = request.query().get(name)
+    if value is None:
+        return None
+    if not (value.isascii() and value.isdigit()) or len(value) > 9:
+        raise HTTPProblem("invalid-parameter", f"{name} must be a whole number")
+    return int(value)
+
+
+async def submit(request: Request) -> Response:
+    jobs = request.app.jobs
+    queue = request.params["queue"]
+    content_type = request.header(b"content-type")
+    if content_type is not None and encoding_for(content_type) is not Encoding.JSON:
+        raise HTTPProblem("unsupported-media-type", "a job's payload is JSON (application/json)")
+    body = await request.body(jobs.limits.max_payload_bytes)
+    _json_body(body, "the payload")
+    job, _ = await jobs.submit(
+        queue,
+        body.strip(),
+        idempotency_key=request.header(b"idempotency-key"),
+        max_attempts=_whole(request, "max_attempts"),
+    )
+    prefer = _PREFER_WAIT.search(request.header(b"prefer") or "")
+    applied: list[tuple[bytes, bytes]] = []
+    if prefer is not None:
+        wait = min(float(prefer.group(1)), jobs.limits.max_wait)
+        applied.append((b"preference-applied", f"wait={wait:g}".encode()))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        # Progress wakes the wait too: keep waiting, for what is left, until the job ends.
+        while not job.state.finished and (remaining := deadline - loop.time()) > 0:
+            job = await request.until_disconnected(
+                jobs.wait(job.id, seen=job.version, seconds=remaining)
+            )
+    if job.state.finished:
+        return _response(200, job, *applied)
+    location = (request.scope.get("root_path") or "") + f"/v1/jobs/{job.id}"
+    return _response(202, job, (b"location", location.encode()), (b"retry-after", b"1"), *applied)
+
+
+async def get_job(request: Request) -> Response:
+    jobs = request.app.jobs
+    wait = _seconds(request, "wait")
+    seen = _whole(request, "version")
+    if wait:
+        job = await request.until_disconnected(
+            jobs.wait(request.params["job"], seen=seen, seconds=wait)
+        )
+    else:
+        job = await jobs.get(request.params["job"])
+    return _response(200, job)
+
+
+async def cancel_job(request: Request) -> Response:
+    return _response(200, await request.app.jobs.cancel(request.params["job"]))
+
+
+async def claim(request: Request) -> Response:
+    jobs = request.app.jobs
+    wait = _seconds(request, "wait")
+    lease = request.query().get("lease")
+    lease_seconds = None
+    if lease is not None:
+        lease_seconds = _seconds(request, "lease")
+    job = await request.until_disconnected(
+        jobs.claim(request.params["queue"], wait=wait, lease=lease_seconds)
+    )
+    if job is None:
+        return Response(204, b"", None, [NO_STORE])
+    return _response(200, job, lease=True)
+
+
+async def _command(request: Request) -> dict[str, Any]:
+    body = await request.body(MAX_COMMAND_BYTES, "1 MiB for worker commands")
+    try:
+        command = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise HTTPProblem("malformed-json", f"the body is not valid JSON: {exc}") from None
+    if not isinstance(command, dict) or not isinstance(command.get("lease"), str):
+        raise HTTPProblem("invalid-job", 'the body is a JSON object with the "lease" of the claim')
+    return command
+
+
+def _json_field(command: dict[str, Any], name: str) -> bytes:
+    if name not in command:
+        raise HTTPProblem("invalid-job", f"the body needs {name!r}")
+    return orjson.dumps(command[name])
+
+
+async def heartbeat(request: Request) -> Response:
+    command = await _command(request)
+    extend = command.get("extend")
+    if extend is not None and (not isinstance(extend, int | float) or isinstance(extend, bool)):
+        raise HTTPProblem("invalid-job", "extend is a number of seconds")
+    job = await request.app.jobs.heartbeat(request.params["job"], command["lease"], extend)
+    return _response(200, job, lease=True)
+
+
+async def progress(request: Request) -> Response:
+    command = await _command(request)
+    job = await request.app.jobs.progress(
+        request.params["job"], command["lease"], _json_field(command, "progress")
+    )
+    return _response(200, job, lease=True)
+
+
+async def complete(request: Request) -> Response:
+    command = await _command(request)
+    job = await request.app.jobs.complete(
+        request.params["job"], command["lease"], _json_field(command, "result")
+    )
+    return _response(200, job)
+
+
+async def fail(request: Request) -> Response:
+    command = await _command(request)
+    error = command.get("error", "")
+    retry = command.get("retry", True)
+    if not isinstance(error, str) or not isinstance(retry, bool):
+        raise HTTPProblem("invalid-job", "error is a string and retry a boolean")
+    job = await request.app.jobs.fail(request.params["job"], command["lease"], error, retry=retry)
+    return _response(200, job)
