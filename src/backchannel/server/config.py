@@ -83,8 +83,8 @@ class Settings:
     )
     direct_writes: bool = _setting(
         True,
-        "under uvicorn, write pushed SSE chunks straight to the connection instead of through "
-        "ASGI send (same bytes, less CPU per message)",
+        "under uvicorn, write pushed SSE chunks and WebSocket frames straight to the "
+        "connection instead of through ASGI send (same bytes, less CPU per message)",
     )
     tcp: bool = _setting(True, "serve the raw TCP protocol")
     tcp_port: int = _setting(7000, "TCP port for the binary protocol (0 picks a free one)")

@@ -166,7 +166,7 @@ def build(settings: Settings) -> dict[str, Any]:
                     "name": "channel",
                     "in": "query",
                     "required": True,
-                    "description": "A channel to stream; repeat for more (at most 64).",
+                    "description": "A channel to stream; repeat for more (at most 48).",
                     "schema": {
                         "type": "array",
                         "items": {"type": "string", "pattern": CHANNEL_PATTERN},

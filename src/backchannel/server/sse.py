@@ -31,7 +31,9 @@ from .problems import HTTPProblem
 log = logging.getLogger("backchannel.sse")
 
 HEARTBEAT = encode_comment("heartbeat")
-MAX_STREAM_CHANNELS = 64
+#: Channels one stream may carry: within the 50 query parameters a request may have, with
+#: room for ``after``.
+MAX_STREAM_CHANNELS = 48
 #: How long the last bytes of a stream that is being closed may take to go out.
 TAIL_TIMEOUT = 1.0
 

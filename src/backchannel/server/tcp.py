@@ -31,6 +31,8 @@ log = logging.getLogger("backchannel.tcp")
 SERVER_NAME = f"backchannel/{__version__}"
 #: Publishes in flight on one connection before it stops reading.
 MAX_IN_FLIGHT = 64
+#: Connections the kernel queues before the hub accepts them (create_server listens again).
+LISTEN_BACKLOG = 2048
 
 
 def tcp_frame(message: Message) -> bytes:
@@ -258,7 +260,9 @@ class TcpServer:
 
     async def start(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: TcpConnection(self), sock=sock)
+        self._server = await loop.create_server(
+            lambda: TcpConnection(self), sock=sock, backlog=LISTEN_BACKLOG
+        )
 
     def stop_accepting(self) -> None:
         if self._server is not None:
