@@ -271,106 +271,103 @@ def build(settings: Settings) -> dict[str, Any]:
         },
     }
     worker_problems = _problems("job-not-found", "lease-lost", "invalid-job", "malformed-json")
-    details.update(
-        {
-            ("POST", "/v1/queues/{queue}/jobs"): {
-                "parameters": [
-                    queue_param,
-                    {
-                        "name": "Prefer",
-                        "in": "header",
-                        "required": False,
-                        "description": "wait=N: answer 200 with the finished job if it ends in N s",
-                        "schema": {"type": "string"},
-                    },
-                    {
-                        "name": "Idempotency-Key",
-                        "in": "header",
-                        "required": False,
-                        "schema": {"type": "string"},
-                    },
-                    {
-                        "name": "max_attempts",
-                        "in": "query",
-                        "required": False,
-                        "schema": {"type": "integer", "minimum": 1, "maximum": 100},
-                    },
-                ],
-                "requestBody": {"required": True, "content": {"application/json": {"schema": {}}}},
-                "responses": {
-                    "200": job_ok,
-                    "202": _json(_ref("Job"), "Accepted: poll its Location"),
-                    **_problems(
-                        "invalid-channel",
-                        "malformed-json",
-                        "message-too-large",
-                        "unsupported-media-type",
-                        "invalid-job",
-                    ),
+    job_details: dict[tuple[str, str], dict[str, Any]] = {
+        ("POST", "/v1/queues/{queue}/jobs"): {
+            "parameters": [
+                queue_param,
+                {
+                    "name": "Prefer",
+                    "in": "header",
+                    "required": False,
+                    "description": "wait=N: answer 200 with the finished job if it ends in N s",
+                    "schema": {"type": "string"},
                 },
-            },
-            ("GET", "/v1/jobs/{job}"): {
-                "parameters": [
-                    job_param,
-                    {
-                        "name": "wait",
-                        "in": "query",
-                        "required": False,
-                        "schema": {"type": "number", "minimum": 0, "maximum": settings.max_wait},
-                    },
-                    {
-                        "name": "version",
-                        "in": "query",
-                        "required": False,
-                        "description": "With wait: answer once the job's version passes this one.",
-                        "schema": {"type": "integer", "minimum": 0},
-                    },
-                ],
-                "responses": {
-                    "200": job_ok,
-                    **_problems("job-not-found", "invalid-parameter", "wait-out-of-range"),
+                {
+                    "name": "Idempotency-Key",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string"},
                 },
-            },
-            ("DELETE", "/v1/jobs/{job}"): {
-                "parameters": [job_param],
-                "responses": {"200": job_ok, **_problems("job-not-found", "job-finished")},
-            },
-            ("POST", "/v1/queues/{queue}/claim"): {
-                "parameters": [
-                    queue_param,
-                    {
-                        "name": "wait",
-                        "in": "query",
-                        "required": False,
-                        "schema": {"type": "number", "minimum": 0, "maximum": settings.max_wait},
-                    },
-                    {
-                        "name": "lease",
-                        "in": "query",
-                        "required": False,
-                        "schema": {
-                            "type": "number",
-                            "minimum": 1,
-                            "maximum": settings.job_max_lease,
-                        },
-                    },
-                ],
-                "responses": {
-                    "200": job_ok,
-                    "204": {"description": "No job came in time"},
-                    **_problems("invalid-channel", "invalid-job", "wait-out-of-range"),
+                {
+                    "name": "max_attempts",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "integer", "minimum": 1, "maximum": 100},
                 },
+            ],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {}}}},
+            "responses": {
+                "200": job_ok,
+                "202": _json(_ref("Job"), "Accepted: poll its Location"),
+                **_problems(
+                    "invalid-channel",
+                    "malformed-json",
+                    "message-too-large",
+                    "unsupported-media-type",
+                    "invalid-job",
+                ),
             },
-            **{
-                ("POST", f"/v1/jobs/{{job}}/{action}"): {
-                    "parameters": [job_param],
-                    "requestBody": worker_body,
-                    "responses": {"200": job_ok, **worker_problems},
-                }
-                for action in ("heartbeat", "progress", "complete", "fail")
+        },
+        ("GET", "/v1/jobs/{job}"): {
+            "parameters": [
+                job_param,
+                {
+                    "name": "wait",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "number", "minimum": 0, "maximum": settings.max_wait},
+                },
+                {
+                    "name": "version",
+                    "in": "query",
+                    "required": False,
+                    "description": "With wait: answer once the job's version passes this one.",
+                    "schema": {"type": "integer", "minimum": 0},
+                },
+            ],
+            "responses": {
+                "200": job_ok,
+                **_problems("job-not-found", "invalid-parameter", "wait-out-of-range"),
             },
+        },
+        ("DELETE", "/v1/jobs/{job}"): {
+            "parameters": [job_param],
+            "responses": {"200": job_ok, **_problems("job-not-found", "job-finished")},
+        },
+        ("POST", "/v1/queues/{queue}/claim"): {
+            "parameters": [
+                queue_param,
+                {
+                    "name": "wait",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "number", "minimum": 0, "maximum": settings.max_wait},
+                },
+                {
+                    "name": "lease",
+                    "in": "query",
+                    "required": False,
+                    "schema": {
+                        "type": "number",
+                        "minimum": 1,
+                        "maximum": settings.job_max_lease,
+                    },
+                },
+            ],
+            "responses": {
+                "200": job_ok,
+                "204": {"description": "No job came in time"},
+                **_problems("invalid-channel", "invalid-job", "wait-out-of-range"),
+            },
+        },
+    }
+    for action in ("heartbeat", "progress", "complete", "fail"):
+        job_details[("POST", f"/v1/jobs/{{job}}/{action}")] = {
+            "parameters": [job_param],
+            "requestBody": worker_body,
+            "responses": {"200": job_ok, **worker_problems},
         }
-    )
+    details.update(job_details)
     paths: dict[str, dict[str, Any]] = {}
     for route in ROUTES:
         if route.method == "WEBSOCKET":  # OpenAPI does not describe WebSockets: protocol.md does
