@@ -96,3 +96,43 @@ def test_prefer_wait_through_a_real_server(hub: HubProcess) -> None:
     assert response.status_code == 200
     assert response.json()["result"] == {"ok": True}
     assert response.headers["preference-applied"] == "wait=10"
+
+
+def test_job_events_stream_progress_and_end_with_the_final_state(hub: HubProcess) -> None:
+    import json
+    import threading
+
+    from backchannel.wire.sse import EventParser
+
+    with hub.client() as c:
+        job = submit(c, 1)
+        events: list[tuple[str, dict[str, object]]] = []
+
+        def listen() -> None:
+            parser = EventParser()
+            with hub.client() as s, s.stream("GET", f"/v1/jobs/{job}/events") as stream:
+                for chunk in stream.iter_raw():
+                    parser.receive_data(chunk)
+                    events.extend((e.id, json.loads(e.data)) for e in parser.events())
+
+        listener = threading.Thread(target=listen)
+        listener.start()
+        taken = claim(c, wait=5)
+        assert taken is not None
+        for pct in (0.25, 0.5):
+            c.post(f"/v1/jobs/{job}/progress", json={"lease": taken["lease"], "progress": pct})
+        c.post(f"/v1/jobs/{job}/complete", json={"lease": taken["lease"], "result": "ok"})
+        listener.join(10)
+        assert not listener.is_alive(), "the stream did not end with the job"
+        # Resume after version 2.
+        resumed = EventParser()
+        with c.stream("GET", f"/v1/jobs/{job}/events", headers={"last-event-id": "2"}) as stream:
+            for chunk in stream.iter_raw():
+                resumed.receive_data(chunk)
+        later = [int(e.id) for e in resumed.events()]
+    versions = [int(i) for i, _ in events]
+    assert versions == sorted(versions) and versions[-1] == 5
+    assert events[-1][1]["state"] == "succeeded" and events[-1][1]["result"] == "ok"
+    # A resumed stream gets the job as it is now (each event carries the whole job), then
+    # ends, as the job is finished.
+    assert later == [5]

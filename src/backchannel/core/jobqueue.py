@@ -61,6 +61,10 @@ class JobQueue:
         self._closing = False
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
 
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
     def begin_shutdown(self) -> None:
         """Answer every waiting long poll and claim now."""
         self._closing = True

@@ -17,7 +17,8 @@ import orjson
 from ..core.jobs import Job
 from ..wire.jsonfmt import format_time
 from ..wire.payload import Encoding, InvalidPayload, encoding_for, validate_payload
-from .http import JSON, Request, Response
+from ..wire.sse import encode_comment, encode_event, encode_retry
+from .http import JSON, ClientDisconnected, Request, Response
 from .problems import HTTPProblem
 
 NO_STORE = (b"cache-control", b"no-store")
@@ -200,3 +201,48 @@ async def fail(request: Request) -> Response:
         raise HTTPProblem("invalid-job", "error is a string and retry a boolean")
     job = await request.app.jobs.fail(request.params["job"], command["lease"], error, retry=retry)
     return _response(200, job)
+
+
+async def job_events(request: Request) -> None:
+    """``GET /v1/jobs/{id}/events``: every new version of the job as one server-sent event
+    (``id`` is the version, ``data`` the job document), ending after the final state.
+    ``Last-Event-ID`` resumes after that version."""
+    jobs = request.app.jobs
+    job = await jobs.get(request.params["job"])
+    seen = 0
+    resume = request.header(b"last-event-id")
+    if resume:
+        if not (resume.isascii() and resume.isdigit()) or len(resume) > 12:
+            raise HTTPProblem("invalid-cursor", "Last-Event-ID is a job version (a number)")
+        seen = int(resume)
+    settings = request.app.settings
+    request.streaming = True
+    await request.send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"text/event-stream; charset=utf-8"),
+                (b"cache-control", b"no-cache"),
+                (b"x-accel-buffering", b"no"),
+            ],
+        }
+    )
+    retry = encode_retry(int(settings.sse_retry * 1000))
+    await request.send({"type": "http.response.body", "body": retry, "more_body": True})
+    beat = min(settings.sse_heartbeat, jobs.limits.max_wait)
+    while True:
+        if job.version > seen:
+            event = encode_event(job_document(job).decode(), id=str(job.version))
+            await request.send({"type": "http.response.body", "body": event, "more_body": True})
+            seen = job.version
+        if job.state.finished or jobs.closing:
+            break
+        try:
+            job = await request.until_disconnected(jobs.wait(job.id, seen=seen, seconds=beat))
+        except ClientDisconnected:
+            return
+        if job.version <= seen and not job.state.finished:
+            body = encode_comment("heartbeat")
+            await request.send({"type": "http.response.body", "body": body, "more_body": True})
+    await request.send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -361,6 +361,25 @@ def build(settings: Settings) -> dict[str, Any]:
             },
         },
     }
+    job_details[("GET", "/v1/jobs/{job}/events")] = {
+        "parameters": [
+            job_param,
+            {
+                "name": "Last-Event-ID",
+                "in": "header",
+                "required": False,
+                "description": "Resume after this job version.",
+                "schema": {"type": "string"},
+            },
+        ],
+        "responses": {
+            "200": {
+                "description": "One event per job version, ending after the final state",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            },
+            **_problems("job-not-found", "invalid-cursor"),
+        },
+    }
     for action in ("heartbeat", "progress", "complete", "fail"):
         job_details[("POST", f"/v1/jobs/{{job}}/{action}")] = {
             "parameters": [job_param],

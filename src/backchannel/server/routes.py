@@ -45,6 +45,12 @@ ROUTES = [
     ),
     Route("GET", "/v1/jobs/{job}", jobs.get_job, "A job: short poll, or long poll with wait="),
     Route(
+        "GET",
+        "/v1/jobs/{job}/events",
+        jobs.job_events,
+        "Server-sent events of the job's progress and final state, resumable by version",
+    ),
+    Route(
         "DELETE",
         "/v1/jobs/{job}",
         jobs.cancel_job,
