@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import importlib
 import os
 import sys
 from dataclasses import MISSING, fields
@@ -12,7 +13,17 @@ from typing import Any
 import orjson
 
 from . import __version__
-from .client import DEFAULT_URL, VIAS, Client, HubError, HubUnreachable, Published
+from .client import (
+    DEFAULT_URL,
+    VIAS,
+    Client,
+    HubError,
+    HubUnreachable,
+    Job,
+    JobHandle,
+    Published,
+    Worker,
+)
 from .server.config import Settings, parse_value
 
 EPILOG = """\
@@ -152,6 +163,58 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="at most N messages (default: the hub's default_limit)",
     )
+
+    job = sub.add_parser(
+        "job",
+        help="submit and watch jobs",
+        description="Submit jobs and watch them. Every command prints the job as JSON.",
+    )
+    job_commands = job.add_subparsers(dest="job_command", metavar="ACTION", required=True)
+    submit = job_commands.add_parser("submit", parents=[client], help="submit a job")
+    submit.add_argument("queue", metavar="QUEUE")
+    submit.add_argument("payload", metavar="JSON", help="the payload, as JSON; - reads stdin")
+    submit.add_argument(
+        "--wait",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="wait up to SECONDS for the job to finish (Prefer: wait)",
+    )
+    submit.add_argument("--max-attempts", type=int, default=None, metavar="N")
+    submit.add_argument("--idempotency-key", default=None)
+    for name, text in (("status", "the job now"), ("cancel", "cancel the job")):
+        action = job_commands.add_parser(name, parents=[client], help=text)
+        action.add_argument("id", metavar="ID")
+    wait = job_commands.add_parser(
+        "wait", parents=[client], help="wait for the job to finish; exit 1 unless it succeeded"
+    )
+    wait.add_argument("id", metavar="ID")
+    wait.add_argument("--timeout", type=float, default=None, metavar="SECONDS")
+
+    worker = sub.add_parser(
+        "worker",
+        parents=[client],
+        help="run a Python function for every job of a queue",
+        description="Import MODULE:FUNCTION and call it with each job's payload (and, if it "
+        "takes two arguments, a JobContext); its return value completes the job, an exception "
+        "fails it. SIGTERM or Ctrl-C stops taking jobs and lets the running ones finish.",
+    )
+    worker.add_argument("function", metavar="MODULE:FUNCTION")
+    worker.add_argument("--queue", required=True, help="the queue to take jobs from")
+    worker.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        metavar="N",
+        help="jobs run at once, one thread each (default: 1)",
+    )
+    worker.add_argument(
+        "--lease",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="lease per claim; heartbeats renew it (default: 30)",
+    )
     return parser
 
 
@@ -164,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
         with Client(args.url, tcp_port=args.tcp_port) as client:
             if args.command == "subscribe":
                 return _subscribe(client, args)
+            if args.command == "job":
+                return _job(client, args)
+            if args.command == "worker":
+                return _worker(client, args)
             if args.command == "publish":
                 result = _publish(client, args)
             else:
@@ -180,6 +247,55 @@ def main(argv: list[str] | None = None) -> int:
         print(f"backchannel: {exc}", file=sys.stderr)
         return 1
     sys.stdout.write(orjson.dumps(result).decode() + "\n")
+    return 0
+
+
+def _print_job(job: Job) -> None:
+    document = {field: getattr(job, field) for field in Job.__dataclass_fields__}
+    sys.stdout.write(orjson.dumps(document).decode() + "\n")
+
+
+def _job(client: Client, args: argparse.Namespace) -> int:
+    if args.job_command == "submit":
+        text = sys.stdin.read() if args.payload == "-" else args.payload
+        try:
+            payload = orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            raise SystemExit(f"backchannel: the payload is not JSON: {exc}") from None
+        handle = client.submit(
+            args.queue,
+            payload,
+            idempotency_key=args.idempotency_key,
+            max_attempts=args.max_attempts,
+            wait=args.wait,
+        )
+        _print_job(handle.last)
+        return 0
+    if args.job_command == "status":
+        _print_job(client.job(args.id))
+        return 0
+    if args.job_command == "cancel":
+        _print_job(client.cancel(args.id))
+        return 0
+    handle = JobHandle(client, client.job(args.id))
+    finished = handle.wait(args.timeout)
+    _print_job(finished)
+    return 0 if finished.state == "succeeded" else 1
+
+
+def _worker(client: Client, args: argparse.Namespace) -> int:
+    module_name, sep, name = args.function.partition(":")
+    if not sep:
+        raise SystemExit("backchannel: name the function as MODULE:FUNCTION")
+    sys.path.insert(0, os.getcwd())
+    try:
+        function = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as exc:
+        raise SystemExit(f"backchannel: cannot load {args.function}: {exc}") from None
+    worker = Worker(client=client, concurrency=args.concurrency, lease=args.lease)
+    worker.task(args.queue)(function)
+    print(f"backchannel worker: {args.function} on queue {args.queue}", file=sys.stderr)
+    worker.run()
     return 0
 
 

@@ -10,14 +10,17 @@ from .errors import (
     HubUnreachable,
     ProtocolViolation,
 )
+from .jobs import AsyncJobHandle, Job, JobFailed, JobHandle
 from .models import Message, Page, Published
 from .resilience import BreakerState, CircuitBreaker, Resilience, RetryPolicy
 from .sync import Client, Subscription
+from .worker import JobContext, Worker
 
 __all__ = [
     "DEFAULT_URL",
     "VIAS",
     "AsyncClient",
+    "AsyncJobHandle",
     "AsyncSubscription",
     "BreakerState",
     "CircuitBreaker",
@@ -27,6 +30,10 @@ __all__ = [
     "HubError",
     "HubTimeout",
     "HubUnreachable",
+    "Job",
+    "JobContext",
+    "JobFailed",
+    "JobHandle",
     "Message",
     "Page",
     "ProtocolViolation",
@@ -34,4 +41,5 @@ __all__ = [
     "Resilience",
     "RetryPolicy",
     "Subscription",
+    "Worker",
 ]

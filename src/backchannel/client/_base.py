@@ -122,14 +122,70 @@ class BaseClient:
         timeout = None
         if wait:
             params["wait"] = f"{wait:g}"
-            read = (self.timeout.read or 0) + wait
-            timeout = httpx.Timeout(
-                self.timeout.connect, read=read, write=self.timeout.write, pool=self.timeout.pool
-            )
+            timeout = self._longer(wait)
         return Call("GET", channel_path(channel, "/messages"), True, params, timeout=timeout)
 
     def info_call(self, channel: str) -> Call:
         return Call("GET", channel_path(channel), True)
+
+    # -- jobs ---------------------------------------------------------------------------------
+
+    def submit_call(
+        self,
+        queue: str,
+        payload: Any,
+        idempotency_key: str | None,
+        max_attempts: int | None,
+        wait: float | None,
+    ) -> Call:
+        headers = {
+            "content-type": "application/json",
+            # As for publishes: a key makes a retried submit return the same job.
+            "idempotency-key": idempotency_key or uuid.uuid4().hex,
+        }
+        timeout = None
+        if wait:
+            headers["prefer"] = f"wait={wait:g}"
+            timeout = self._longer(wait)
+        params = {"max_attempts": str(max_attempts)} if max_attempts is not None else {}
+        path = f"/v1/queues/{quote(queue, safe='')}/jobs"
+        return Call("POST", path, True, params, headers, orjson.dumps(payload), timeout)
+
+    def job_call(self, job_id: str, wait: float | None, version: int | None) -> Call:
+        params: dict[str, str] = {}
+        timeout = None
+        if wait:
+            params["wait"] = f"{wait:g}"
+            timeout = self._longer(wait)
+        if version is not None:
+            params["version"] = str(version)
+        return Call("GET", f"/v1/jobs/{quote(job_id, safe='')}", True, params, timeout=timeout)
+
+    def cancel_call(self, job_id: str) -> Call:
+        return Call("DELETE", f"/v1/jobs/{quote(job_id, safe='')}", True)
+
+    def claim_call(self, queue: str, wait: float, lease: float | None) -> Call:
+        params = {"wait": f"{wait:g}"}
+        if lease is not None:
+            params["lease"] = f"{lease:g}"
+        # Not retried: a claim whose answer was lost leaves a job leased to nobody until the
+        # lease runs out, and a second claim would take another job meanwhile.
+        path = f"/v1/queues/{quote(queue, safe='')}/claim"
+        return Call("POST", path, False, params, timeout=self._longer(wait))
+
+    def worker_call(self, job_id: str, action: str, body: dict[str, Any]) -> Call:
+        # A heartbeat or progress report can be repeated; a completion or failure is final.
+        safe = action in ("heartbeat", "progress")
+        path = f"/v1/jobs/{quote(job_id, safe='')}/{action}"
+        headers = {"content-type": "application/json"}
+        return Call("POST", path, safe, headers=headers, content=orjson.dumps(body))
+
+    def _longer(self, wait: float) -> httpx.Timeout:
+        """The client's timeout, with a read long enough for a request the hub holds."""
+        read = (self.timeout.read or 0) + wait
+        return httpx.Timeout(
+            self.timeout.connect, read=read, write=self.timeout.write, pool=self.timeout.pool
+        )
 
     # -- answers ------------------------------------------------------------------------------
 

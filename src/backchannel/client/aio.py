@@ -16,6 +16,7 @@ from ..wire import frames as f
 from ..wire.sse import EventParser
 from ._base import BaseClient, Call, channel_path, translate
 from .errors import ClientError, HubUnreachable, ProtocolViolation
+from .jobs import AsyncJobHandle, Job
 from .models import Message, Page, Published
 from .resilience import BreakerState
 from .subscription import Resume, Spec, close_error
@@ -131,6 +132,55 @@ class AsyncClient(BaseClient):
     async def info(self, channel: str) -> dict[str, Any]:
         info: dict[str, Any] = self.json_of(await self._call(self.info_call(channel)))
         return info
+
+    async def submit(
+        self,
+        queue: str,
+        payload: Any,
+        *,
+        idempotency_key: str | None = None,
+        max_attempts: int | None = None,
+        wait: float | None = None,
+    ) -> AsyncJobHandle:
+        call = self.submit_call(queue, payload, idempotency_key, max_attempts, wait)
+        return AsyncJobHandle(self, Job.from_document(self.json_of(await self._call(call))))
+
+    async def job(
+        self, job_id: str, *, wait: float | None = None, version: int | None = None
+    ) -> Job:
+        response = await self._call(self.job_call(job_id, wait, version))
+        return Job.from_document(self.json_of(response))
+
+    async def cancel(self, job_id: str) -> Job:
+        return Job.from_document(self.json_of(await self._call(self.cancel_call(job_id))))
+
+    async def claim(
+        self, queue: str, *, wait: float = 30.0, lease: float | None = None
+    ) -> Job | None:
+        response = await self._call(self.claim_call(queue, wait, lease))
+        if response.status_code == 204:
+            return None
+        return Job.from_document(self.json_of(response))
+
+    async def heartbeat(self, job: Job, *, extend: float | None = None) -> Job:
+        body: dict[str, Any] = {"lease": job.lease}
+        if extend is not None:
+            body["extend"] = extend
+        return await self._worker(job, "heartbeat", body)
+
+    async def report_progress(self, job: Job, progress: Any) -> Job:
+        return await self._worker(job, "progress", {"lease": job.lease, "progress": progress})
+
+    async def complete(self, job: Job, result: Any) -> Job:
+        return await self._worker(job, "complete", {"lease": job.lease, "result": result})
+
+    async def fail(self, job: Job, error: str, *, retry: bool = True) -> Job:
+        body = {"lease": job.lease, "error": error, "retry": retry}
+        return await self._worker(job, "fail", body)
+
+    async def _worker(self, job: Job, action: str, body: dict[str, Any]) -> Job:
+        answer = self.json_of(await self._call(self.worker_call(job.id, action, body)))
+        return Job.from_document(answer)
 
     def subscribe(
         self,

@@ -18,6 +18,7 @@ from ..wire import frames as f
 from ..wire.sse import EventParser
 from ._base import BaseClient, Call, channel_path, translate
 from .errors import ClientError, HubError, HubUnreachable, ProtocolViolation
+from .jobs import Job, JobHandle
 from .models import Message, Page, Published
 from .resilience import BreakerState
 from .subscription import Resume, Spec, close_error
@@ -131,6 +132,55 @@ class Client(BaseClient):
     def info(self, channel: str) -> dict[str, Any]:
         info: dict[str, Any] = self.json_of(self._call(self.info_call(channel)))
         return info
+
+    # -- jobs ---------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        queue: str,
+        payload: Any,
+        *,
+        idempotency_key: str | None = None,
+        max_attempts: int | None = None,
+        wait: float | None = None,
+    ) -> JobHandle:
+        """Submit a job (JSON ``payload``); with ``wait``, the hub holds the answer up to that
+        many seconds in case the job finishes (``Prefer: wait``)."""
+        call = self.submit_call(queue, payload, idempotency_key, max_attempts, wait)
+        return JobHandle(self, Job.from_document(self.json_of(self._call(call))))
+
+    def job(self, job_id: str, *, wait: float | None = None, version: int | None = None) -> Job:
+        """The job now; with ``wait``, once its version passes ``version`` (long poll)."""
+        return Job.from_document(self.json_of(self._call(self.job_call(job_id, wait, version))))
+
+    def cancel(self, job_id: str) -> Job:
+        return Job.from_document(self.json_of(self._call(self.cancel_call(job_id))))
+
+    def claim(self, queue: str, *, wait: float = 30.0, lease: float | None = None) -> Job | None:
+        """Workers: the next job of ``queue``, leased to the caller, or None after ``wait``."""
+        response = self._call(self.claim_call(queue, wait, lease))
+        if response.status_code == 204:
+            return None
+        return Job.from_document(self.json_of(response))
+
+    def heartbeat(self, job: Job, *, extend: float | None = None) -> Job:
+        body: dict[str, Any] = {"lease": job.lease}
+        if extend is not None:
+            body["extend"] = extend
+        return self._worker(job, "heartbeat", body)
+
+    def report_progress(self, job: Job, progress: Any) -> Job:
+        return self._worker(job, "progress", {"lease": job.lease, "progress": progress})
+
+    def complete(self, job: Job, result: Any) -> Job:
+        return self._worker(job, "complete", {"lease": job.lease, "result": result})
+
+    def fail(self, job: Job, error: str, *, retry: bool = True) -> Job:
+        return self._worker(job, "fail", {"lease": job.lease, "error": error, "retry": retry})
+
+    def _worker(self, job: Job, action: str, body: dict[str, Any]) -> Job:
+        answer = self.json_of(self._call(self.worker_call(job.id, action, body)))
+        return Job.from_document(answer)
 
     # -- subscriptions ------------------------------------------------------------------------
 

@@ -1,0 +1,147 @@
+"""Jobs through the SDK and the CLI against a real hub: submit, wait, progress, workers."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from backchannel.client import AsyncClient, Client, JobContext, JobFailed, Worker
+
+from .conftest import HubProcess
+
+pytestmark = pytest.mark.e2e
+TESTS = Path(__file__).resolve().parent
+
+
+def start_worker(hub: HubProcess, tasks: dict[str, Any], concurrency: int = 2) -> Worker:
+    worker = Worker(hub.url, concurrency=concurrency, lease=5)
+    for queue, function in tasks.items():
+        worker.task(queue)(function)
+    threading.Thread(target=worker.run, daemon=True).start()
+    return worker
+
+
+def test_submit_then_a_worker_returns_the_result(hub: HubProcess) -> None:
+    def square(payload: dict[str, int]) -> int:
+        return payload["n"] ** 2
+
+    def broken(payload: Any) -> None:
+        raise ValueError("no good")
+
+    worker = start_worker(hub, {"square": square, "broken": broken})
+    with Client(hub.url) as client:
+        handles = [client.submit("square", {"n": n}) for n in range(5)]
+        assert [h.result(timeout=20) for h in handles] == [0, 1, 4, 9, 16]
+        failing = client.submit("broken", {}, max_attempts=2)
+        with pytest.raises(JobFailed) as info:
+            failing.result(timeout=20)
+        assert info.value.job.state == "dead" and info.value.job.attempts == 2
+        assert "ValueError: no good" in (info.value.job.error or "")
+        synchronous = client.submit("square", {"n": 7}, wait=10)
+        assert synchronous.last.finished and synchronous.last.result == 49
+    worker.stop()
+
+
+def test_progress_is_seen_version_by_version(hub: HubProcess) -> None:
+    go = threading.Event()
+
+    def steps(payload: Any, job: JobContext) -> str:
+        for pct in (25, 50, 75):
+            go.wait(5)
+            job.progress(pct)
+        return "done"
+
+    worker = start_worker(hub, {"steps": steps}, concurrency=1)
+    with Client(hub.url) as client:
+        handle = client.submit("steps", {})
+        seen = []
+        for job in handle.progress():
+            seen.append((job.state, job.progress))
+            go.set()
+    worker.stop()
+    assert seen[-1] == ("succeeded", 75)
+    assert [p for s, p in seen if s == "running" and p is not None] == [25, 50, 75]
+
+
+def test_cancel_reaches_a_running_task(hub: HubProcess) -> None:
+    started, noticed = threading.Event(), threading.Event()
+
+    def long_task(payload: Any, job: JobContext) -> str:
+        started.set()
+        for _ in range(200):
+            job.heartbeat()
+            if job.cancelled:
+                noticed.set()
+                return "stopped early"
+            threading.Event().wait(0.05)
+        return "ran to the end"
+
+    worker = start_worker(hub, {"long": long_task}, concurrency=1)
+    with Client(hub.url) as client:
+        handle = client.submit("long", {})
+        assert started.wait(10)
+        handle.cancel()
+        final = handle.wait(timeout=15)
+    worker.stop()
+    assert noticed.is_set()
+    assert final.state == "cancelled"
+
+
+async def test_async_twin_submits_and_waits(hub: HubProcess) -> None:
+    worker = start_worker(hub, {"echo": lambda payload: payload})
+    async with AsyncClient(hub.url) as client:
+        handle = await client.submit("echo", {"hello": "world"})
+        assert await handle.result(timeout=20) == {"hello": "world"}
+        versions = [job.version async for job in (await client.submit("echo", 1)).progress()]
+        assert versions == sorted(versions) and len(versions) >= 2
+    worker.stop()
+
+
+def test_cli_job_commands_and_worker_process(hub: HubProcess) -> None:
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "backchannel", *args, "--url", hub.url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    submitted = cli("job", "submit", "math", '{"n": 21}')
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = json.loads(submitted.stdout)["id"]
+    assert json.loads(cli("job", "status", job_id).stdout)["state"] == "queued"
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "backchannel",
+            "worker",
+            "worker_tasks:double",
+            "--queue",
+            "math",
+            "--url",
+            hub.url,
+        ],
+        cwd=TESTS,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        waited = cli("job", "wait", job_id, "--timeout", "30")
+        assert waited.returncode == 0, waited.stderr
+        assert json.loads(waited.stdout)["result"] == {"doubled": 42}
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(15) == 0  # graceful: stops claiming, exits
+    other = json.loads(cli("job", "submit", "math", '{"n": 1}').stdout)["id"]
+    cancelled = cli("job", "cancel", other)
+    assert json.loads(cancelled.stdout)["state"] == "cancelled"
+    assert cli("job", "wait", other).returncode == 1
+    assert cli("job", "submit", "math", "{nope").returncode != 0
