@@ -6,6 +6,7 @@ import argparse
 import base64
 import importlib
 import os
+import signal
 import sys
 from dataclasses import MISSING, fields
 from typing import Any
@@ -17,7 +18,7 @@ from .client import (
     DEFAULT_URL,
     VIAS,
     Client,
-    HubError,
+    ClientError,
     HubUnreachable,
     Job,
     JobHandle,
@@ -74,7 +75,8 @@ def _client_parent() -> argparse.ArgumentParser:
     parent.add_argument(
         "--tcp-port",
         type=int,
-        default=int(os.environ.get("BACKCHANNEL_TCP_PORT", "7000")),
+        # A string default goes through type= too, so a bad variable is a usage error.
+        default=os.environ.get("BACKCHANNEL_TCP_PORT", "7000"),
         help="the hub's TCP port, for --via tcp [env BACKCHANNEL_TCP_PORT] (default: 7000)",
     )
     parent.add_argument(
@@ -243,11 +245,18 @@ def main(argv: list[str] | None = None) -> int:
     except HubUnreachable as exc:
         print(f"backchannel: {exc} (is `backchannel serve` running?)", file=sys.stderr)
         return 2
-    except HubError as exc:
+    except ClientError as exc:
         print(f"backchannel: {exc}", file=sys.stderr)
         return 1
+    except ValueError as exc:  # refused before anything was sent, e.g. a malformed cursor
+        print(f"backchannel: {exc}", file=sys.stderr)
+        return 2
     sys.stdout.write(orjson.dumps(result).decode() + "\n")
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _print_job(job: Job) -> None:
@@ -305,8 +314,9 @@ def _publish(client: Client, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _subscribe(client: Client, args: argparse.Namespace) -> int:
-    """Print one JSON line per message until Ctrl-C."""
+    """Print one JSON line per message until Ctrl-C or SIGTERM."""
     subscription = client.subscribe(args.channel, via=args.via, after=args.after)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         for message in subscription:
             data = message.data

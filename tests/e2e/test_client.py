@@ -224,3 +224,26 @@ async def test_async_subscription_survives_kill_9_and_restart(
         await asyncio.wait_for(consumer, 30)
         await subscription.aclose()
     assert received == list(range(20))
+
+
+def test_quiet_tcp_subscription_stays_connected(
+    hub: HubProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import backchannel.client.sync as sync_client
+
+    monkeypatch.setattr(sync_client, "IDLE_PING", 0.2)  # ping after 0.2 s of silence
+    with client_for(hub) as client, client.subscribe("quiet", via="tcp") as subscription:
+        got: list[Message] = []
+        reader = threading.Thread(target=lambda: got.append(next(subscription)))
+        reader.start()
+        time.sleep(1.5)  # several idle periods: pinged, answered, still the same connection
+        client.publish("quiet", {"n": 1})
+        reader.join(10)
+        assert [m.data for m in got] == [{"n": 1}]
+        assert subscription.resume.reconnects == 0
+
+
+def test_websocket_refusals_name_their_problem_type(hub: HubProcess) -> None:
+    with client_for(hub) as client, pytest.raises(HubError) as info:
+        next(client.subscribe("bad name", via="ws", after="0"))
+    assert info.value.slug == "invalid-channel"

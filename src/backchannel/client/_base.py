@@ -6,6 +6,7 @@ and hand the response back to :meth:`BaseClient.outcome`.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -81,7 +82,8 @@ class BaseClient:
         self.limits = httpx.Limits(
             max_connections=max_connections, max_keepalive_connections=max_keepalive
         )
-        self.resilience = resilience or Resilience()
+        # A copy: retry= and breaker= change this client only, not a Resilience it was given.
+        self.resilience = dataclasses.replace(resilience) if resilience else Resilience()
         if retry is not None:
             self.resilience.retry = retry
         if breaker is not None:

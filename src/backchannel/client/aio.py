@@ -19,7 +19,7 @@ from .errors import ClientError, HubUnreachable, ProtocolViolation
 from .jobs import AsyncJobHandle, Job
 from .models import Message, Page, Published
 from .resilience import BreakerState
-from .subscription import Resume, Spec, close_error
+from .subscription import IDLE_PING, Keepalive, Resume, Spec, close_error
 from .sync import _default_url, _json, tcp_error
 
 
@@ -295,11 +295,9 @@ class AsyncSubscription(AsyncIterator[Message]):
             raise HubUnreachable(f"cannot open {url}: {exc}") from exc
         try:
             while True:
+                # No read timeout: the library's keepalive pings find a dead connection.
                 try:
-                    async with asyncio.timeout(60.0):
-                        raw = await connection.recv()
-                except TimeoutError as exc:
-                    raise HubUnreachable("no data from the hub for 60 s") from exc
+                    raw = await connection.recv()
                 except websockets.exceptions.ConnectionClosed as exc:
                     code = exc.rcvd.code if exc.rcvd else 1006
                     raise close_error(code, exc.rcvd.reason if exc.rcvd else "") from exc
@@ -316,14 +314,20 @@ class AsyncSubscription(AsyncIterator[Message]):
         except (OSError, TimeoutError) as exc:
             raise HubUnreachable(f"cannot connect over TCP: {exc}") from exc
         codec = f.Connection(f.Role.CLIENT)
+        keepalive = Keepalive()
 
         async def next_frame() -> f.Event:
             while (event := codec.next_event()) is f.NEED_DATA:
                 try:
-                    async with asyncio.timeout(60.0):
-                        codec.receive_data(await reader.read(65536))
-                except (OSError, TimeoutError) as exc:
+                    async with asyncio.timeout(IDLE_PING):
+                        data = await reader.read(65536)
+                except TimeoutError:
+                    writer.write(codec.send(keepalive.ping()))  # raises once one went unanswered
+                    continue
+                except OSError as exc:
                     raise HubUnreachable(f"the TCP connection broke: {exc}") from exc
+                keepalive.heard()
+                codec.receive_data(data)
             return event
 
         try:

@@ -10,8 +10,10 @@ raised to the caller at once.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
+from ..wire import frames as f
 from ..wire import parse_id
 from ._base import VIAS
 from .errors import CircuitOpen, ClientError, HubError, HubUnreachable
@@ -20,14 +22,41 @@ from .resilience import Resilience, is_retryable
 
 #: WebSocket close codes that mean "the request was refused", as opposed to "try again".
 _REFUSALS = {4000: 400, 1008: 403}
+_SLUG = re.compile(r"[a-z][a-z-]*")
+#: Seconds of silence on a TCP subscription before the client pings the hub; a ping left
+#: unanswered for as long again means the connection is dead.
+IDLE_PING = 20.0
 
 
 def close_error(code: int, reason: str) -> ClientError:
-    """A WebSocket close as the exception it stands for."""
+    """A WebSocket close as the exception it stands for. The hub's refusals give their
+    problem type first in the reason: ``invalid-channel: …``."""
     status = _REFUSALS.get(code)
-    if status is not None:
-        return HubError(status, {"title": f"WebSocket closed with {code}", "detail": reason})
-    return HubUnreachable(f"the hub closed the WebSocket ({code} {reason})".strip())
+    if status is None:
+        return HubUnreachable(f"the hub closed the WebSocket ({code} {reason})".strip())
+    slug, sep, detail = reason.partition(": ")
+    problem: dict[str, object] = {"title": f"WebSocket closed with {code}", "detail": reason}
+    if sep and _SLUG.fullmatch(slug):
+        problem = {"type": f"/problems/{slug}", "title": slug, "detail": detail}
+    return HubError(status, problem)
+
+
+class Keepalive:
+    """Pings for a TCP subscription that has heard nothing for :data:`IDLE_PING` seconds."""
+
+    def __init__(self) -> None:
+        self._next = 0
+        self._waiting = False
+
+    def ping(self) -> f.Ping:
+        if self._waiting:
+            raise HubUnreachable(f"the hub did not answer a ping within {IDLE_PING:g} s")
+        self._waiting = True
+        self._next = self._next % 0xFFFFFFFF + 1
+        return f.Ping(request=self._next)
+
+    def heard(self) -> None:
+        self._waiting = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +81,8 @@ class Resume:
         self.resilience = resilience
         self.reconnect_limit = reconnect_limit
         self.cursor: int | None = None
-        self.failures = 0
+        self.failures = 0  # in a row, since the last message
+        self.reconnects = 0  # in all
         #: The reconnection delay the hub asked for (SSE ``retry:``), in seconds.
         self.server_retry: float | None = None
 
@@ -78,10 +108,12 @@ class Resume:
         if isinstance(error, CircuitOpen):
             # The client's breaker is open: wait for its probe, then try (as the probe).
             self.failures += 1
+            self.reconnects += 1
             return max(error.retry_in, self.resilience.retry.delay(1, error, self.resilience.rand))
         if not is_retryable(error):
             raise error
         self.failures += 1
+        self.reconnects += 1
         if self.reconnect_limit is not None and self.failures > self.reconnect_limit:
             raise error
         return self.resilience.retry.delay(self.failures, error, self.resilience.rand)

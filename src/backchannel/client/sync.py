@@ -21,7 +21,7 @@ from .errors import ClientError, HubError, HubUnreachable, ProtocolViolation
 from .jobs import Job, JobHandle
 from .models import Message, Page, Published
 from .resilience import BreakerState
-from .subscription import Resume, Spec, close_error
+from .subscription import IDLE_PING, Keepalive, Resume, Spec, close_error
 
 
 class Client(BaseClient):
@@ -301,10 +301,9 @@ class Subscription(Iterator[Message]):
         with opened as connection:
             self._closer = connection.close
             while True:
+                # No read timeout: the library's keepalive pings find a dead connection.
                 try:
-                    raw = connection.recv(timeout=60.0)
-                except TimeoutError as exc:
-                    raise HubUnreachable("no data from the hub for 60 s") from exc
+                    raw = connection.recv()
                 except websockets.exceptions.ConnectionClosed as exc:
                     code = exc.rcvd.code if exc.rcvd else 1006
                     raise close_error(code, exc.rcvd.reason if exc.rcvd else "") from exc
@@ -317,15 +316,21 @@ class Subscription(Iterator[Message]):
         except OSError as exc:
             raise HubUnreachable(f"cannot connect to {address}: {exc}") from exc
         self._closer = sock.close
-        sock.settimeout(60.0)
+        sock.settimeout(IDLE_PING)
         codec = f.Connection(f.Role.CLIENT)
+        keepalive = Keepalive()
 
         def next_frame() -> f.Event:
             while (event := codec.next_event()) is f.NEED_DATA:
                 try:
-                    codec.receive_data(sock.recv(65536))
+                    data = sock.recv(65536)
+                except TimeoutError:
+                    sock.sendall(codec.send(keepalive.ping()))  # raises once one went unanswered
+                    continue
                 except OSError as exc:
                     raise HubUnreachable(f"the TCP connection broke: {exc}") from exc
+                keepalive.heard()
+                codec.receive_data(data)
             return event
 
         try:
@@ -343,6 +348,7 @@ class Subscription(Iterator[Message]):
                     raise tcp_error(event)
                 elif event is f.CONNECTION_CLOSED:
                     return
+                # PONG: the keepalive's answer, nothing to yield
         except f.ProtocolError as exc:
             raise ProtocolViolation(f"TCP protocol error: {exc}") from exc
         except OSError as exc:

@@ -227,8 +227,15 @@ async def channel_socket(request: Request) -> None:
         after = parse_id(after_text) if after_text is not None else None
     except (InvalidRequest, InvalidCursor, HTTPProblem) as exc:
         await send({"type": "websocket.accept"})
-        detail = getattr(exc, "detail", str(exc))
-        await send({"type": "websocket.close", "code": CLOSE_BAD_REQUEST, "reason": detail[:120]})
+        # The reason names the problem type first, as clients may branch on it.
+        if isinstance(exc, HTTPProblem):
+            slug, detail = exc.type.slug, exc.detail
+        elif isinstance(exc, InvalidRequest):
+            slug, detail = exc.kind, exc.detail
+        else:
+            slug, detail = "invalid-cursor", str(exc)
+        reason = f"{slug}: {detail}"
+        await send({"type": "websocket.close", "code": CLOSE_BAD_REQUEST, "reason": reason[:120]})
         return
     await send({"type": "websocket.accept"})
     sink = _sink(request)
