@@ -27,8 +27,9 @@ from .store import Store
 
 log = logging.getLogger("backchannel.jobs")
 
-#: How often the sweeper looks for expired leases, in seconds.
+#: How often the sweeper looks for expired leases, and deletes finished jobs, in seconds.
 SWEEP_EVERY = 1.0
+TRIM_EVERY = 60.0
 CAS_ATTEMPTS = 20
 
 
@@ -256,6 +257,7 @@ class JobQueue:
 
     async def _sweep_forever(self) -> None:
         keep_ms = int(self.limits.retention * 1000)
+        trimmed_at = 0
         while True:
             await asyncio.sleep(SWEEP_EVERY)
             try:
@@ -264,7 +266,9 @@ class JobQueue:
                     back = jobs.expired(job, now)
                     if back is not None:
                         await self.store.job_update(back)
-                await self.store.job_trim(now_ms=now, keep_ms=keep_ms)
+                if now - trimmed_at >= TRIM_EVERY * 1000:
+                    trimmed_at = now
+                    await self.store.job_trim(now_ms=now, keep_ms=keep_ms)
             except Exception:
                 log.exception("the job sweeper failed; will try again")
 
