@@ -10,10 +10,10 @@ Celery:
 
 throughput
     N no-op jobs (``--jobs``, 10,000; payload ``{"n": i}``, the task returns its payload). The
-    hub's client is one :class:`~backchannel.client.aio.AsyncClient` with ``--in-flight`` (64)
+    hub's client is one :class:`~backchannel.client.aio.AsyncClient` with ``--in-flight`` (8)
     coroutines, each doing ``handle = await client.submit(...)`` then
     ``await handle.result()`` (a long poll). The hub's worker is a separate process on CPU 1,
-    ``--hub-worker async`` (default: asyncio with ``--claimers`` (16) coroutines looping
+    ``--hub-worker async`` (default: asyncio with ``--claimers`` (4) coroutines looping
     ``AsyncClient.claim`` / ``AsyncClient.complete``) or ``--hub-worker threads`` (the SDK's
     :class:`~backchannel.client.worker.Worker` with ``--concurrency`` (8) threads). Celery:
     ``task.delay()`` for all N, then ``.get()`` for each, with the worker started as
@@ -45,7 +45,6 @@ import json
 import os
 import resource
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -391,7 +390,9 @@ def run_celery(args: argparse.Namespace, tmp: Path) -> SideResult:
             for i in range(args.warmup):
                 echo.delay({"n": i}).get(timeout=60)
         except Exception as exc:
-            raise BenchError(f"the celery worker did not answer: {exc}\n{tail(folder / 'worker.log')}") from exc
+            raise BenchError(
+                f"the celery worker did not answer: {exc}\n{tail(folder / 'worker.log')}"
+            ) from exc
         pids = [redis.pid, worker.pid]
         cpu0 = tree_cpu_seconds(pids)
         client_cpu0 = self_cpu()
@@ -461,7 +462,12 @@ def report(sides: list[SideResult]) -> str:
     for hub_kind, celery_kind in kinds:
         for stat in ("p50_ms", "p99_ms", "max_ms"):
 
-            def pick(s: SideResult, hub_kind: str = hub_kind, stat: str = stat) -> float:
+            def pick(
+                s: SideResult,
+                hub_kind: str = hub_kind,
+                celery_kind: str = celery_kind,
+                stat: str = stat,
+            ) -> float:
                 kind = celery_kind if s is celery else hub_kind
                 return float(getattr(s.latency[kind], stat))
 
@@ -472,7 +478,9 @@ def report(sides: list[SideResult]) -> str:
         "check",
         *[
             "ok"
-            if not s.errors and not s.throughput.wrong and not any(v.wrong for v in s.latency.values())
+            if not s.errors
+            and not s.throughput.wrong
+            and not any(v.wrong for v in s.latency.values())
             else "FAILED"
             for s in sides
         ],
@@ -491,20 +499,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=10_000, help="jobs in the throughput run")
     parser.add_argument("--round-trips", type=int, default=500, help="jobs in the latency run")
     parser.add_argument("--warmup", type=int, default=200, help="unmeasured jobs first")
-    parser.add_argument("--in-flight", type=int, default=64, help="hub client concurrency")
+    parser.add_argument(
+        "--in-flight", type=int, default=8, help="hub client jobs in flight (default: 8)"
+    )
     parser.add_argument(
         "--hub-worker",
         choices=("async", "threads"),
         default="async",
         help="async: AsyncClient claim/complete loops; threads: the SDK Worker (default: async)",
     )
-    parser.add_argument("--claimers", type=int, default=16, help="async hub worker loops")
+    parser.add_argument(
+        "--claimers", type=int, default=4, help="async hub worker loops (default: 4)"
+    )
     parser.add_argument(
         "--concurrency", type=int, default=8, help="threads of the SDK Worker and of Celery"
     )
-    parser.add_argument(
-        "--celery-pool", choices=("threads", "prefork", "solo"), default="threads"
-    )
+    parser.add_argument("--celery-pool", choices=("threads", "prefork", "solo"), default="threads")
     parser.add_argument(
         "--sides",
         default="memory,sqlite,celery",
