@@ -145,3 +145,22 @@ def test_cli_job_commands_and_worker_process(hub: HubProcess) -> None:
     assert json.loads(cancelled.stdout)["state"] == "cancelled"
     assert cli("job", "wait", other).returncode == 1
     assert cli("job", "submit", "math", "{nope").returncode != 0
+
+
+def test_worker_heartbeats_keep_a_lease_longer_than_the_hub_default(
+    hub_factory: type[HubProcess],
+) -> None:
+    hub = hub_factory("--job-lease", "1").start()
+
+    def slow(payload: Any) -> str:
+        threading.Event().wait(2.5)  # longer than the hub's default lease of 1 s
+        return "once"
+
+    worker = Worker(hub.url, concurrency=1, lease=3)
+    worker.task("slow")(slow)
+    threading.Thread(target=worker.run, daemon=True).start()
+    with Client(hub.url) as client:
+        handle = client.submit("slow", {})
+        assert handle.result(timeout=20) == "once"
+        assert handle.last.attempts == 1
+    worker.stop()

@@ -231,3 +231,34 @@ async def test_bad_job_requests(
     slug: str,
 ) -> None:
     problem(await client.request(method, path, **kwargs), status, slug)  # type: ignore[arg-type]
+
+
+async def test_submit_checks_and_replays_idempotency_keys(client: httpx.AsyncClient) -> None:
+    bad = await client.post("/v1/queues/video/jobs", json=1, headers={"idempotency-key": "a b"})
+    problem(bad, 400, "invalid-idempotency-key")
+    first = await client.post("/v1/queues/video/jobs", json=1, headers={"idempotency-key": "k"})
+    again = await client.post("/v1/queues/video/jobs", json=1, headers={"idempotency-key": "k"})
+    assert "idempotent-replayed" not in first.headers
+    assert again.headers["idempotent-replayed"] == "true"
+
+
+async def test_a_stored_job_is_never_answered_with_an_error(clock: Clock) -> None:
+    app = create_app(Settings(max_wait=5, max_long_polls=1), store=MemoryStore(), clock=clock)
+    await app.startup()
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://hub") as c:
+        holding = asyncio.create_task(c.post("/v1/queues/other/claim", params={"wait": 1}))
+        await asyncio.sleep(0.05)  # the one waiting slot is taken
+        response = await c.post("/v1/queues/video/jobs", json=1, headers={"prefer": "wait=5"})
+        assert response.status_code == 202  # stored: it must say so, not 503
+        assert (await c.get(response.headers["location"])).json()["state"] == "queued"
+        await holding
+    await app.shutdown()
+
+
+async def test_job_events_refuse_foreign_origins(client: httpx.AsyncClient) -> None:
+    job = await submit(client)
+    response = await client.get(
+        f"/v1/jobs/{job['id']}/events", headers={"origin": "http://elsewhere.example"}
+    )
+    problem(response, 403, "origin-not-allowed")

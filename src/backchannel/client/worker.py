@@ -41,8 +41,9 @@ Task = Callable[..., Any]
 class JobContext:
     """What a task may know and do about the job it runs."""
 
-    def __init__(self, client: Client, job: Job) -> None:
+    def __init__(self, client: Client, job: Job, lease: float) -> None:
         self._client = client
+        self._lease = lease
         self.job = job
         self.cancelled = False  # the job was cancelled: stop soon, the result is not kept
         self.lost = False  # the lease is gone (the hub gave the job to someone else)
@@ -56,7 +57,8 @@ class JobContext:
 
     def heartbeat(self) -> None:
         try:
-            self.job = self._client.heartbeat(self.job)
+            # Renew for the worker's own lease, not the hub's default.
+            self.job = self._client.heartbeat(self.job, extend=self._lease)
             self.cancelled = self.job.cancel_requested
         except HubError as exc:
             self._note(exc)
@@ -128,7 +130,7 @@ class Worker:
                 self._run(job, function, wants_context)
 
     def _run(self, job: Job, function: Task, wants_context: bool) -> None:
-        context = JobContext(self.client, job)
+        context = JobContext(self.client, job, self.lease)
         beating = threading.Event()
 
         def beat() -> None:

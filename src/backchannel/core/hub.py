@@ -65,7 +65,8 @@ class ChannelInfo:
     subscribers: dict[str, int]
 
 
-def _check_idempotency_key(key: str) -> None:
+def check_idempotency_key(key: str) -> None:
+    """Refuse an Idempotency-Key that is empty, too long, or not visible ASCII."""
     if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH or not all("!" <= c <= "~" for c in key):
         raise InvalidRequest(
             "invalid-idempotency-key",
@@ -173,7 +174,7 @@ class Hub:
             raise InvalidRequest(exc.kind, exc.detail) from None
         digest = b""
         if idempotency_key is not None:
-            _check_idempotency_key(idempotency_key)
+            check_idempotency_key(idempotency_key)
             digest = hashlib.sha256(content_type.encode() + b"\0" + data).digest()[:16]
         self._check_open()
         draft = Draft(

@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from . import jobs
 from .channels import validate_channel
 from .errors import InvalidRequest, TooBusy
+from .hub import check_idempotency_key
 from .jobs import Job, JobNotFound, JobState
 from .store import Store
 
@@ -93,6 +94,8 @@ class JobQueue:
         max_attempts: int | None = None,
     ) -> tuple[Job, bool]:
         validate_channel(queue)  # queue names follow the channel name rules
+        if idempotency_key is not None:
+            check_idempotency_key(idempotency_key)
         if len(payload) > self.limits.max_payload_bytes:
             raise InvalidRequest(
                 "message-too-large",
@@ -111,9 +114,13 @@ class JobQueue:
 
     async def wait(self, job_id: str, *, seen: int | None, seconds: float) -> Job:
         """The job once its version passes ``seen`` (its current one if None), or as it is
-        when ``seconds`` have passed (a long poll)."""
+        when ``seconds`` have passed (a long poll, at most ``max_wait``)."""
+        self._check_wait(seconds)
+        return await self.watch(job_id, seen=seen, seconds=seconds)
+
+    async def watch(self, job_id: str, *, seen: int | None, seconds: float) -> Job:
+        """:meth:`wait` without its bound, for a stream that waits in turns of ``seconds``."""
         timeout = seconds
-        self._check_wait(timeout)
         job = await self.get(job_id)
         seen = job.version if seen is None else seen
         if job.version > seen or job.state.finished or timeout == 0:

@@ -1,6 +1,7 @@
-"""HTTP endpoints of jobs: submit, watch (short poll, long poll), cancel; claim and finish.
+"""HTTP endpoints of jobs: submit, watch (short poll, long poll, SSE), cancel; claim, finish.
 
-A job document embeds the payload, progress and result exactly as they were sent (JSON).
+A job document embeds the payload exactly as it was submitted, and the progress and result as
+the JSON values the worker sent.
 ``Prefer: wait=N`` (RFC 7240) on a submit turns the call synchronous when the job finishes in
 time. See ``docs/jobs.md``.
 """
@@ -14,12 +15,14 @@ from typing import Any
 
 import orjson
 
+from ..core.errors import TooBusy
 from ..core.jobs import Job
 from ..wire.jsonfmt import format_time
 from ..wire.payload import Encoding, InvalidPayload, encoding_for, validate_payload
 from ..wire.sse import encode_comment, encode_event, encode_retry
 from .http import JSON, ClientDisconnected, Request, Response
 from .problems import HTTPProblem
+from .sse import stream_headers
 
 NO_STORE = (b"cache-control", b"no-store")
 MAX_COMMAND_BYTES = 1 << 20
@@ -95,7 +98,7 @@ async def submit(request: Request) -> Response:
         raise HTTPProblem("unsupported-media-type", "a job's payload is JSON (application/json)")
     body = await request.body(jobs.limits.max_payload_bytes)
     _json_body(body, "the payload")
-    job, _ = await jobs.submit(
+    job, replayed = await jobs.submit(
         queue,
         body.strip(),
         idempotency_key=request.header(b"idempotency-key"),
@@ -103,16 +106,25 @@ async def submit(request: Request) -> Response:
     )
     prefer = _PREFER_WAIT.search(request.header(b"prefer") or "")
     applied: list[tuple[bytes, bytes]] = []
+    if replayed:
+        applied.append((b"idempotent-replayed", b"true"))
     if prefer is not None:
         wait = min(float(prefer.group(1)), jobs.limits.max_wait)
         applied.append((b"preference-applied", f"wait={wait:g}".encode()))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         # Progress wakes the wait too: keep waiting, for what is left, until the job ends.
-        while not job.state.finished and (remaining := deadline - loop.time()) > 0:
-            job = await request.until_disconnected(
-                jobs.wait(job.id, seen=job.version, seconds=remaining)
-            )
+        # The job is stored already: from here on, any trouble answers 202, never an error.
+        while not job.state.finished and not jobs.closing:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                job = await request.until_disconnected(
+                    jobs.watch(job.id, seen=job.version, seconds=remaining)
+                )
+            except TooBusy:
+                break
     if job.state.finished:
         return _response(200, job, *applied)
     location = (request.scope.get("root_path") or "") + f"/v1/jobs/{job.id}"
@@ -216,21 +228,12 @@ async def job_events(request: Request) -> None:
             raise HTTPProblem("invalid-cursor", "Last-Event-ID is a job version (a number)")
         seen = int(resume)
     settings = request.app.settings
+    headers = stream_headers(request)  # the same origin rules as message streams
     request.streaming = True
-    await request.send(
-        {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [
-                (b"content-type", b"text/event-stream; charset=utf-8"),
-                (b"cache-control", b"no-cache"),
-                (b"x-accel-buffering", b"no"),
-            ],
-        }
-    )
+    await request.send({"type": "http.response.start", "status": 200, "headers": headers})
     retry = encode_retry(int(settings.sse_retry * 1000))
     await request.send({"type": "http.response.body", "body": retry, "more_body": True})
-    beat = min(settings.sse_heartbeat, jobs.limits.max_wait)
+    beat = settings.sse_heartbeat
     while True:
         if job.version > seen:
             event = encode_event(job_document(job).decode(), id=str(job.version))
@@ -239,7 +242,7 @@ async def job_events(request: Request) -> None:
         if job.state.finished or jobs.closing:
             break
         try:
-            job = await request.until_disconnected(jobs.wait(job.id, seen=seen, seconds=beat))
+            job = await request.until_disconnected(jobs.watch(job.id, seen=seen, seconds=beat))
         except ClientDisconnected:
             return
         if job.version <= seen and not job.state.finished:

@@ -247,7 +247,7 @@ def _cursor(value: str, what: str) -> int:
         raise HTTPProblem("invalid-cursor", f"{what}: {exc}") from None
 
 
-def _start_headers(request: Request) -> list[tuple[bytes, bytes]]:
+def stream_headers(request: Request) -> list[tuple[bytes, bytes]]:
     """The stream's headers; a browser page from an origin not allowed gets a 403 instead of
     a stream it could not read anyway."""
     headers = [
@@ -271,7 +271,7 @@ async def _stream(request: Request, subscribe: Callable[[StreamSink], list[Subsc
     """Run one event stream: subscribe, send, and clean up however it ends."""
     app = request.app
     settings = app.settings
-    headers = _start_headers(request)
+    headers = stream_headers(request)
     sink = StreamSink(request.send, int(settings.sse_retry * 1000))
     subscriptions = subscribe(sink)  # may raise: still early enough for a problem response
     request.streaming = True
