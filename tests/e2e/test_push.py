@@ -254,3 +254,19 @@ async def test_tcp_protocol_errors_close_with_an_error_frame(hub: HubProcess) ->
     ]
     huge = await exchange(b"\x7f\xff\xff\xff\x01")
     assert [(e.request, e.type) for e in huge if isinstance(e, f.Error)] == [(0, "frame-too-large")]
+
+
+async def test_a_long_replay_waits_for_the_reader_instead_of_cutting_it(
+    hub_factory: type[HubProcess], transport: str
+) -> None:
+    # 4 MB of history against a 256 KiB outbound limit: the replay must pace itself.
+    hub = hub_factory("--max-outbound-bytes", "262144", "--store", "memory://").start()
+    async with httpx.AsyncClient(base_url=hub.url, timeout=30) as http:
+        body = "y" * 4000
+        for i in range(1000):
+            await publish(http, "history", [f"{i:04d}{body}"])
+        client = client_for(transport, hub)
+        await client.connect("history", after="0")
+        received = await client.take(1000, timeout=60)
+        await client.close()
+    assert [text[:4] for _, text in received] == [f"{i:04d}" for i in range(1000)]

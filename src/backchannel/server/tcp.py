@@ -208,11 +208,11 @@ class TcpConnection(asyncio.Protocol):
         return self._out_size + pending
 
     async def drained(self) -> None:
-        while self.buffered() and self.close_reason is None:
+        # The transport pauses us above its high-water mark and resumes us below its low one:
+        # that is "drained" enough for a replay to go on.
+        if self.close_reason is None:
+            self.flush()
             await self._writable.wait()
-            if self.transport is None or self.transport.get_write_buffer_size() == 0:
-                return
-            await asyncio.sleep(0)
 
     def close(self, reason: CloseReason) -> None:
         if self.close_reason is not None:
