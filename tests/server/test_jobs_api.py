@@ -262,3 +262,30 @@ async def test_job_events_refuse_foreign_origins(client: httpx.AsyncClient) -> N
         f"/v1/jobs/{job['id']}/events", headers={"origin": "http://elsewhere.example"}
     )
     problem(response, 403, "origin-not-allowed")
+
+
+async def test_one_job_wakes_one_claimer_and_a_leaving_claimer_passes_it_on(
+    app: BackchannelApp,
+) -> None:
+    jobs = app.jobs
+    reads = 0
+    candidates = jobs.store.job_candidates
+
+    async def counting(*args: object, **kwargs: object) -> object:
+        nonlocal reads
+        reads += 1
+        return await candidates(*args, **kwargs)  # type: ignore[arg-type]
+
+    jobs.store.job_candidates = counting  # type: ignore[method-assign]
+    claimers = [asyncio.create_task(jobs.claim("q", wait=5)) for _ in range(10)]
+    await asyncio.sleep(0.05)
+    before = reads
+    claimers[0].cancel()  # this one leaves; if it is the one woken, it hands the turn on
+    await jobs.submit("q", b"1")
+    await asyncio.sleep(0.05)
+    taken = [c for c in claimers[1:] if c.done()]
+    assert len(taken) == 1 and taken[0].result() is not None
+    assert reads - before <= 2  # not one store read per waiting claimer
+    for c in claimers[1:]:
+        c.cancel()
+    await asyncio.gather(*claimers, return_exceptions=True)

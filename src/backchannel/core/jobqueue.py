@@ -167,6 +167,13 @@ class JobQueue:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(remaining):
                             await woken
+                except BaseException:
+                    self._unregister(self._queue_waiters, queue, woken)
+                    if woken.done() and not woken.cancelled():
+                        # Leaving (the client went away) with a wake-up meant for a job we
+                        # will not take: hand it to another claimer.
+                        self._wake_one(queue)
+                    raise
                 finally:
                     self._unregister(self._queue_waiters, queue, woken)
 
@@ -258,9 +265,15 @@ class JobQueue:
             if not future.done():
                 future.set_result(None)
         if job.state is JobState.QUEUED:
-            for future in self._queue_waiters.get(job.queue, ()):
-                if not future.done():
-                    future.set_result(None)
+            # One queued job, one claimer: waking them all would have all but one read the
+            # store for nothing. A woken claimer that takes nothing passes the turn on.
+            self._wake_one(job.queue)
+
+    def _wake_one(self, queue: str) -> None:
+        for future in self._queue_waiters.get(queue, ()):
+            if not future.done():
+                future.set_result(None)
+                return
 
     async def _sweep_forever(self) -> None:
         keep_ms = int(self.limits.retention * 1000)

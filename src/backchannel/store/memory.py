@@ -36,6 +36,9 @@ class MemoryStore:
         self._listeners: list[Listener] = []
         self._job_listeners: list[JobListener] = []
         self._jobs: dict[str, Job] = {}  # in submission order
+        # Unfinished jobs by queue, in submission order: what claims and the sweeper look at,
+        # so that finished jobs piling up cost them nothing.
+        self._active: dict[str, dict[str, None]] = {}
         self._job_keys: dict[tuple[str, str], tuple[str, int]] = {}  # (queue, key): (id, expiry)
         self._open = False
 
@@ -179,6 +182,7 @@ class MemoryStore:
                 now_ms + self.idempotency_ttl_ms,
             )
         self._jobs[job.id] = job
+        self._active.setdefault(job.queue, {})[job.id] = None
         self._job_changed(job)
         return job, False
 
@@ -192,20 +196,29 @@ class MemoryStore:
         if stored is None or stored.version != job.version - 1:
             return False
         self._jobs[job.id] = job
+        if job.state.finished:
+            active = self._active.get(job.queue)
+            if active is not None:
+                active.pop(job.id, None)
         self._job_changed(job)
         return True
 
     async def job_candidates(self, queue: str, *, now_ms: int, limit: int) -> list[Job]:
         self._check()
-        found = [
-            job for job in self._jobs.values() if job.queue == queue and _claimable(job, now_ms)
-        ]
+        active = self._active.get(queue, {})
+        found = [job for job in map(self._jobs.__getitem__, active) if _claimable(job, now_ms)]
         found.sort(key=lambda job: (job.state is not JobState.QUEUED, job.created_ms))
         return found[:limit]
 
     async def job_expired(self, *, now_ms: int, limit: int) -> list[Job]:
         self._check()
-        return [job for job in self._jobs.values() if _lease_expired(job, now_ms)][:limit]
+        expired = [
+            job
+            for active in self._active.values()
+            for job in map(self._jobs.__getitem__, active)
+            if _lease_expired(job, now_ms)
+        ]
+        return expired[:limit]
 
     async def job_trim(self, *, now_ms: int, keep_ms: int) -> int:
         self._check()
