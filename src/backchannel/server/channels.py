@@ -42,8 +42,8 @@ async def poll(request: Request) -> Response:
     channel = validate_channel(request.params["channel"])
     query = request.query()
     after = _cursor(query.get("after"))
-    limit = _integer(query, "limit")
-    wait = _seconds(query, "wait")
+    limit = request.query_whole("limit")
+    wait = request.query_seconds("wait") or 0.0
     if wait:
         page = await request.until_disconnected(
             hub.poll(channel, after=after, limit=limit, wait=wait)
@@ -118,30 +118,6 @@ def _cursor(value: str | None) -> int:
         return parse_id(value)
     except InvalidCursor as exc:
         raise HTTPProblem("invalid-cursor", str(exc)) from None
-
-
-def _integer(query: dict[str, str], name: str) -> int | None:
-    value = query.get(name)
-    if value is None:
-        return None
-    if not (value.isascii() and value.isdigit()) or len(value) > 12:
-        raise HTTPProblem("invalid-parameter", f"{name} must be a whole number, not {value[:40]!r}")
-    return int(value)
-
-
-def _seconds(query: dict[str, str], name: str) -> float:
-    value = query.get(name)
-    if value is None:
-        return 0.0
-    try:
-        seconds = float(value) if len(value) <= 32 else math.nan
-    except ValueError:
-        seconds = math.nan
-    if not math.isfinite(seconds):
-        raise HTTPProblem(
-            "invalid-parameter", f"{name} must be a number of seconds, not {value[:40]!r}"
-        )
-    return seconds
 
 
 __all__ = ["ClientDisconnected", "channel_info", "configure_channel", "poll", "publish"]

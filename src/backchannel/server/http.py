@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -137,6 +138,32 @@ class Request:
 
     def query_all(self, name: str) -> list[str]:
         return [value for key, value in self._query_pairs() if key == name]
+
+    def query_whole(self, name: str) -> int | None:
+        """A query parameter that is a whole number, if given."""
+        value = self.query().get(name)
+        if value is None:
+            return None
+        if not (value.isascii() and value.isdigit()) or len(value) > 12:
+            raise HTTPProblem(
+                "invalid-parameter", f"{name} must be a whole number, not {value[:40]!r}"
+            )
+        return int(value)
+
+    def query_seconds(self, name: str) -> float | None:
+        """A query parameter that is a finite number of seconds, if given."""
+        value = self.query().get(name)
+        if value is None:
+            return None
+        try:
+            seconds = float(value) if len(value) <= 32 else math.nan
+        except ValueError:
+            seconds = math.nan
+        if not math.isfinite(seconds):
+            raise HTTPProblem(
+                "invalid-parameter", f"{name} must be a number of seconds, not {value[:40]!r}"
+            )
+        return seconds
 
     async def body(self, max_bytes: int, limit_name: str = "max_message_bytes") -> bytes:
         """The whole body, or a ``message-too-large`` problem as soon as it passes ``max_bytes``

@@ -9,7 +9,6 @@ time. See ``docs/jobs.md``.
 from __future__ import annotations
 
 import asyncio
-import math
 import re
 from typing import Any
 
@@ -68,28 +67,6 @@ def _json_body(body: bytes, what: str) -> None:
         raise HTTPProblem("malformed-json", f"{what} must be JSON: {exc.detail}") from None
 
 
-def _seconds(request: Request, name: str) -> float:
-    value = request.query().get(name)
-    if value is None:
-        return 0.0
-    try:
-        seconds = float(value) if len(value) <= 32 else math.nan
-    except ValueError:
-        seconds = math.nan
-    if not math.isfinite(seconds):
-        raise HTTPProblem("invalid-parameter", f"{name} must be a number of seconds")
-    return seconds
-
-
-def _whole(request: Request, name: str) -> int | None:
-    value = request.query().get(name)
-    if value is None:
-        return None
-    if not (value.isascii() and value.isdigit()) or len(value) > 9:
-        raise HTTPProblem("invalid-parameter", f"{name} must be a whole number")
-    return int(value)
-
-
 async def submit(request: Request) -> Response:
     jobs = request.app.jobs
     queue = request.params["queue"]
@@ -102,7 +79,7 @@ async def submit(request: Request) -> Response:
         queue,
         body.strip(),
         idempotency_key=request.header(b"idempotency-key"),
-        max_attempts=_whole(request, "max_attempts"),
+        max_attempts=request.query_whole("max_attempts"),
     )
     prefer = _PREFER_WAIT.search(request.header(b"prefer") or "")
     applied: list[tuple[bytes, bytes]] = []
@@ -133,8 +110,8 @@ async def submit(request: Request) -> Response:
 
 async def get_job(request: Request) -> Response:
     jobs = request.app.jobs
-    wait = _seconds(request, "wait")
-    seen = _whole(request, "version")
+    wait = request.query_seconds("wait") or 0.0
+    seen = request.query_whole("version")
     if wait:
         job = await request.until_disconnected(
             jobs.wait(request.params["job"], seen=seen, seconds=wait)
@@ -150,11 +127,8 @@ async def cancel_job(request: Request) -> Response:
 
 async def claim(request: Request) -> Response:
     jobs = request.app.jobs
-    wait = _seconds(request, "wait")
-    lease = request.query().get("lease")
-    lease_seconds = None
-    if lease is not None:
-        lease_seconds = _seconds(request, "lease")
+    wait = request.query_seconds("wait") or 0.0
+    lease_seconds = request.query_seconds("lease")
     job = await request.until_disconnected(
         jobs.claim(request.params["queue"], wait=wait, lease=lease_seconds)
     )
