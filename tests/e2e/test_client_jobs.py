@@ -164,3 +164,22 @@ def test_worker_heartbeats_keep_a_lease_longer_than_the_hub_default(
         assert handle.result(timeout=20) == "once"
         assert handle.last.attempts == 1
     worker.stop()
+
+
+def test_a_task_returning_non_json_fails_its_job_and_the_worker_goes_on(hub: HubProcess) -> None:
+    calls: list[int] = []
+
+    def odd(payload: dict[str, int]) -> object:
+        calls.append(payload["n"])
+        return {1, 2} if payload["n"] == 0 else payload["n"]
+
+    worker = start_worker(hub, {"odd": odd}, concurrency=1)
+    with Client(hub.url) as client:
+        bad = client.submit("odd", {"n": 0})
+        good = client.submit("odd", {"n": 5})
+        with pytest.raises(JobFailed) as info:
+            bad.result(timeout=20)
+        assert "cannot be sent as JSON" in (info.value.job.error or "")
+        assert good.result(timeout=20) == 5
+    worker.stop()
+    assert calls == [0, 5]

@@ -210,7 +210,7 @@ async def test_claim_waits_for_a_submit(client: httpx.AsyncClient) -> None:
         ("POST", "/v1/queues/video/jobs?max_attempts=0", {"json": 1}, 400, "invalid-job"),
         ("GET", "/v1/jobs/" + "0" * 32, {}, 404, "job-not-found"),
         ("GET", "/v1/jobs/not-an-id", {}, 404, "job-not-found"),
-        ("GET", "/v1/jobs/" + "0" * 32 + "?wait=99", {}, 400, "wait-out-of-range"),
+        ("GET", "/v1/jobs/" + "0" * 32 + "?wait=-1", {}, 400, "wait-out-of-range"),
         ("POST", "/v1/queues/video/claim?lease=0.5", {}, 400, "invalid-job"),
         ("POST", "/v1/jobs/" + "0" * 32 + "/complete", {"json": {"result": 1}}, 400, "invalid-job"),
         (
@@ -289,3 +289,13 @@ async def test_one_job_wakes_one_claimer_and_a_leaving_claimer_passes_it_on(
     for c in claimers[1:]:
         c.cancel()
     await asyncio.gather(*claimers, return_exceptions=True)
+
+
+async def test_job_waits_beyond_max_wait_are_shortened_not_refused(
+    client: httpx.AsyncClient,
+) -> None:
+    job = await submit(client)
+    long_ask = await client.post("/v1/queues/video/claim", params={"wait": 3600})
+    assert long_ask.status_code == 200  # accepted (and answered at once: a job was there)
+    changed = await client.get(f"/v1/jobs/{job['id']}", params={"wait": 3600, "version": 1})
+    assert changed.json()["state"] == "running"

@@ -322,6 +322,8 @@ class AsyncSubscription(AsyncIterator[Message]):
                     async with asyncio.timeout(IDLE_PING):
                         data = await reader.read(65536)
                 except TimeoutError:
+                    if codec.state is not f.State.OPEN:
+                        raise HubUnreachable("the hub did not answer HELLO") from None
                     writer.write(codec.send(keepalive.ping()))  # raises once one went unanswered
                     continue
                 except OSError as exc:

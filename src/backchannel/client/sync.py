@@ -325,6 +325,8 @@ class Subscription(Iterator[Message]):
                 try:
                     data = sock.recv(65536)
                 except TimeoutError:
+                    if codec.state is not f.State.OPEN:
+                        raise HubUnreachable("the hub did not answer HELLO") from None
                     sock.sendall(codec.send(keepalive.ping()))  # raises once one went unanswered
                     continue
                 except OSError as exc:

@@ -45,14 +45,14 @@ class JobContext:
         self._client = client
         self._lease = lease
         self.job = job
-        self.cancelled = False  # the job was cancelled: stop soon, the result is not kept
+        self.cancelled = False  # the job was cancelled: stop soon (it will end as cancelled)
         self.lost = False  # the lease is gone (the hub gave the job to someone else)
 
     def progress(self, value: Any) -> None:
         """Report progress: any JSON value."""
         try:
             self.job = self._client.report_progress(self.job, value)
-        except HubError as exc:
+        except ClientError as exc:
             self._note(exc)
 
     def heartbeat(self) -> None:
@@ -60,12 +60,15 @@ class JobContext:
             # Renew for the worker's own lease, not the hub's default.
             self.job = self._client.heartbeat(self.job, extend=self._lease)
             self.cancelled = self.job.cancel_requested
-        except HubError as exc:
+        except ClientError as exc:
             self._note(exc)
 
-    def _note(self, exc: HubError) -> None:
-        if exc.slug == "lease-lost":
+    def _note(self, exc: ClientError) -> None:
+        # The hub unreachable for a moment: the next heartbeat tries again within the lease.
+        if isinstance(exc, HubError) and exc.slug == "lease-lost":
             self.lost = True
+        else:
+            log.warning("job %s: %s", self.job.id, exc)
 
 
 class Worker:
@@ -148,7 +151,11 @@ class Worker:
             self._finish(lambda: self.client.fail(context.job, error))
         else:
             beating.set()
-            self._finish(lambda: self.client.complete(context.job, result))
+            try:
+                self._finish(lambda: self.client.complete(context.job, result))
+            except TypeError as exc:  # the result is not JSON: the task is at fault
+                error = f"the task's result cannot be sent as JSON: {exc}"
+                self._finish(lambda: self.client.fail(context.job, error, retry=False))
         heart.join()
         self.done += 1
 

@@ -114,9 +114,8 @@ class JobQueue:
 
     async def wait(self, job_id: str, *, seen: int | None, seconds: float) -> Job:
         """The job once its version passes ``seen`` (its current one if None), or as it is
-        when ``seconds`` have passed (a long poll, at most ``max_wait``)."""
-        self._check_wait(seconds)
-        return await self.watch(job_id, seen=seen, seconds=seconds)
+        when ``seconds`` have passed (a long poll, shortened to ``max_wait``)."""
+        return await self.watch(job_id, seen=seen, seconds=self._capped(seconds))
 
     async def watch(self, job_id: str, *, seen: int | None, seconds: float) -> Job:
         """:meth:`wait` without its bound, for a stream that waits in turns of ``seconds``."""
@@ -152,7 +151,7 @@ class JobQueue:
         """The oldest job of ``queue`` a worker may take, now leased to it; waiting up to
         ``wait`` seconds for one. None when none came."""
         validate_channel(queue)
-        self._check_wait(wait)
+        wait = self._capped(wait)
         lease_ms = self._lease_ms(lease)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
@@ -228,11 +227,12 @@ class JobQueue:
             )
         return int(seconds * 1000)
 
-    def _check_wait(self, wait: float) -> None:
-        if not 0 <= wait <= self.limits.max_wait:
-            raise InvalidRequest(
-                "wait-out-of-range", f"wait must be between 0 and {self.limits.max_wait:g} seconds"
-            )
+    def _capped(self, wait: float) -> float:
+        """A job wait, shortened to ``max_wait``: clients that wait in rounds (handles, workers)
+        do not know the hub's maximum, and a shorter round is harmless."""
+        if wait < 0:
+            raise InvalidRequest("wait-out-of-range", "wait must not be negative")
+        return min(wait, self.limits.max_wait)
 
     @contextlib.contextmanager
     def _counted(self) -> Iterator[None]:

@@ -234,8 +234,9 @@ async def channel_socket(request: Request) -> None:
             slug, detail = exc.kind, exc.detail
         else:
             slug, detail = "invalid-cursor", str(exc)
-        reason = f"{slug}: {detail}"
-        await send({"type": "websocket.close", "code": CLOSE_BAD_REQUEST, "reason": reason[:120]})
+        # A close reason has at most 123 bytes of UTF-8: cut by bytes, not characters.
+        reason = f"{slug}: {detail}".encode()[:120].decode(errors="ignore")
+        await send({"type": "websocket.close", "code": CLOSE_BAD_REQUEST, "reason": reason})
         return
     await send({"type": "websocket.accept"})
     sink = _sink(request)
