@@ -19,28 +19,21 @@ import orjson
 
 from ..core.errors import (
     BackchannelError,
-    IdempotencyKeyReused,
-    InvalidRequest,
-    TooBusy,
-    Unavailable,
 )
 from ..core.hub import Hub
 from ..core.jobqueue import JobQueue
-from ..core.jobs import JobFinished, JobNotFound, LeaseLost
 from ..core.store import Store
 from ..store import open_store
 from . import openapi
 from .asgi import Receive, Scope, Send
 from .config import Settings
 from .http import ClientDisconnected, Request, Response, problem_response
-from .problems import PROBLEM_TYPES, HTTPProblem
+from .problems import HTTPProblem, problem_for
 from .router import Matched, request_path
 from .routes import MUX
 from .sse import Heartbeats
 
 log = logging.getLogger("backchannel.server")
-
-RETRY_SOON = (b"retry-after", b"1")
 
 
 class BackchannelApp:
@@ -172,21 +165,10 @@ def _error_response(exc: Exception, path: str, root: str) -> Response:
     if isinstance(exc, HTTPProblem):
         return problem_response(exc, path, root)
     if isinstance(exc, BackchannelError):
-        return problem_response(_problem_for(exc), path, root)
+        return problem_response(problem_for(exc), path, root)
     log.error("unhandled error answering %s", path, exc_info=exc)
     failure = HTTPProblem("internal-error", "the hub failed to answer; see its log")
     return problem_response(failure, path, root)
-
-
-def _problem_for(exc: BackchannelError) -> HTTPProblem:
-    if isinstance(exc, InvalidRequest) and exc.kind in PROBLEM_TYPES:
-        return HTTPProblem(exc.kind, exc.detail)
-    if isinstance(exc, IdempotencyKeyReused | JobNotFound | LeaseLost | JobFinished):
-        return HTTPProblem(exc.kind, exc.detail)
-    if isinstance(exc, TooBusy | Unavailable):
-        return HTTPProblem(exc.kind, exc.detail, headers=[RETRY_SOON])
-    log.error("no problem type for %r", exc)
-    return HTTPProblem("internal-error", "the hub failed to answer; see its log")
 
 
 def create_app(

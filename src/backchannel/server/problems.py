@@ -7,9 +7,14 @@ Slugs are stable: clients may branch on them.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import orjson
+
+from ..core.errors import BackchannelError, TooBusy, Unavailable
+
+log = logging.getLogger("backchannel.server")
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,3 +255,13 @@ class HTTPProblem(Exception):
             doc["instance"] = instance
         doc.update(self.extra)
         return orjson.dumps(doc)
+
+
+def problem_for(exc: BackchannelError) -> HTTPProblem:
+    """The problem a domain error stands for, on every transport: its ``kind`` is a slug of
+    :data:`PROBLEM_TYPES`. Refusals for load or availability ask to come back in a second."""
+    if exc.kind not in PROBLEM_TYPES:
+        log.error("no problem type for %r", exc)
+        return HTTPProblem("internal-error", "the hub failed to answer; see its log")
+    headers = [(b"retry-after", b"1")] if isinstance(exc, TooBusy | Unavailable) else None
+    return HTTPProblem(exc.kind, exc.detail, headers=headers)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable
 
 from ..core.channels import validate_channel
@@ -63,8 +62,8 @@ class StreamSink:
         "_transport",
         "_wake",
         "close_reason",
-        "last_write",
         "retry_ms",
+        "wrote",
     )
 
     def __init__(self, send: Send, retry_ms: int) -> None:
@@ -79,7 +78,9 @@ class StreamSink:
         self._drained: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self.close_reason: CloseReason | None = None
-        self.last_write = time.monotonic()
+        #: Set by every write that went out; the heartbeat timer resets it each round, so no
+        #: clock is read per message on the hot path.
+        self.wrote = False
         self.retry_ms = retry_ms
 
     def start(self, transport: asyncio.Transport | None) -> None:
@@ -111,7 +112,7 @@ class StreamSink:
         chunks.insert(0, b"%x\r\n" % size)
         chunks.append(b"\r\n")
         transport.writelines(chunks)
-        self.last_write = time.monotonic()
+        self.wrote = True
 
     def buffered(self) -> int:
         if self._transport is not None:
@@ -204,7 +205,7 @@ class StreamSink:
             self._chunks = []
             self._size = 0
             self._in_flight = len(data)
-            self.last_write = time.monotonic()
+            self.wrote = True
             await send({"type": "http.response.body", "body": data, "more_body": True})
             self._in_flight = 0
             if not self._chunks:
@@ -233,11 +234,11 @@ class Heartbeats:
     async def _beat(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            idle_since = time.monotonic() - self.interval * 0.9
             for sink in self.sinks:
-                if sink.last_write < idle_since and not sink.buffered():
+                if not sink.wrote and not sink.buffered():
                     sink.write(HEARTBEAT)
                     sink.flush()
+                sink.wrote = False  # a heartbeat does not count as traffic
 
 
 def _cursor(value: str, what: str) -> int:

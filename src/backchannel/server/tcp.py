@@ -23,7 +23,7 @@ from ..core.hub import Hub
 from ..core.messages import Message
 from ..wire import frames
 from ..wire.cursor import MAX_SEQ
-from .problems import PROBLEM_TYPES, HTTPProblem
+from .problems import HTTPProblem, problem_for
 from .session import Session
 
 log = logging.getLogger("backchannel.tcp")
@@ -152,7 +152,7 @@ class TcpConnection(asyncio.Protocol):
         except HTTPProblem as problem:
             self._error(request, problem.type.slug, problem.detail)
         except BackchannelError as exc:
-            self._error(request, _slug(exc), exc.detail)
+            self._error(request, problem_for(exc).type.slug, exc.detail)
 
     async def _publish(self, event: frames.Publish) -> None:
         try:
@@ -162,7 +162,7 @@ class TcpConnection(asyncio.Protocol):
         except HTTPProblem as problem:
             self._error(event.request, problem.type.slug, problem.detail)
         except BackchannelError as exc:
-            self._error(event.request, _slug(exc), exc.detail)
+            self._error(event.request, problem_for(exc).type.slug, exc.detail)
         else:
             message = appended.message
             if self.close_reason is None:
@@ -241,10 +241,6 @@ class TcpConnection(asyncio.Protocol):
     @property
     def closed(self) -> bool:
         return self.close_reason is not None
-
-
-def _slug(exc: BackchannelError) -> str:
-    return exc.kind if exc.kind in PROBLEM_TYPES else "internal-error"
 
 
 class TcpServer:

@@ -28,7 +28,7 @@ from ..wire.ws import text_frame
 from .asgi import Send
 from .fastpath import direct_ws_transport
 from .http import Request
-from .problems import PROBLEM_TYPES, HTTPProblem
+from .problems import PROBLEM_TYPES, HTTPProblem, problem_for
 from .session import Session
 
 log = logging.getLogger("backchannel.websocket")
@@ -337,7 +337,7 @@ class MuxSession:
         except HTTPProblem as problem:
             self.error(request_id, problem.type.slug, problem.detail)
         except BackchannelError as exc:
-            self.error(request_id, _slug(exc), exc.detail)
+            self.error(request_id, problem_for(exc).type.slug, exc.detail)
 
     def _published(self, task: asyncio.Task[None]) -> None:
         self.publishing.discard(task)
@@ -353,7 +353,7 @@ class MuxSession:
         except HTTPProblem as problem:
             self.error(request_id, problem.type.slug, problem.detail)
         except BackchannelError as exc:
-            self.error(request_id, _slug(exc), exc.detail)
+            self.error(request_id, problem_for(exc).type.slug, exc.detail)
         else:
             message = appended.message
             self.reply(
@@ -419,11 +419,6 @@ def _publish_body(command: dict[str, Any]) -> tuple[bytes, str]:
         return base64.b64decode(value, validate=True), content_type
     except binascii.Error:
         raise HTTPProblem("invalid-command", "data is not valid base64") from None
-
-
-def _slug(exc: BackchannelError) -> str:
-    kind = exc.kind
-    return kind if kind in PROBLEM_TYPES else "internal-error"
 
 
 async def mux_socket(request: Request) -> None:
