@@ -158,6 +158,44 @@ async def test_slow_consumer_is_cut_off_and_others_keep_up(
     assert [text[:4] for _, text in received] == [f"{i:04d}" for i in range(count)]
 
 
+async def test_a_client_that_leaves_is_unsubscribed(hub: HubProcess, transport: str) -> None:
+    # SSE streams under uvicorn leave uvicorn's hands once started (server/fastpath.py
+    # take_over): only the connection's own end tells the hub the subscriber is gone.
+    async with httpx.AsyncClient(base_url=hub.url) as http:
+        leaving, staying = client_for(transport, hub), client_for(transport, hub)
+        await leaving.connect("coming-and-going")
+        await staying.connect("coming-and-going")
+        await wait_for_subscribers(http, "coming-and-going", transport, 2)
+        await leaving.close()
+        await wait_for_subscribers(http, "coming-and-going", transport, 1)
+        ids = await publish(http, "coming-and-going", ["after"])
+        assert await staying.take(1) == [(ids[0], "after")]
+        await staying.close()
+        await wait_for_subscribers(http, "coming-and-going", transport, 0)
+
+
+async def test_a_request_pipelined_behind_a_stream_is_not_answered(hub: HubProcess) -> None:
+    # An event stream never ends on its own, so nothing behind it on the connection can be
+    # answered; the stream itself must still work (it stays with uvicorn, not taken over).
+    request = (
+        b"GET /v1/channels/piped/events HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    host, port = hub.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(request)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 200") and b"text/event-stream" in head
+    async with httpx.AsyncClient(base_url=hub.url) as http:
+        await wait_for_subscribers(http, "piped", "sse", 1)
+        ids = await publish(http, "piped", ["through"])
+    data = b""
+    while f"id: {ids[0]}".encode() not in data:
+        data += await asyncio.wait_for(reader.read(4096), 10)
+    assert b"HTTP/1.1" not in data  # no answer to the pipelined request
+    writer.close()
+
+
 async def test_shutdown_ends_every_stream(hub: HubProcess) -> None:
     clients = [client_for(t, hub) for t in TRANSPORTS]
     async with httpx.AsyncClient(base_url=hub.url) as http:

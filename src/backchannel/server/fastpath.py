@@ -12,15 +12,24 @@ WebSockets work the same way: uvicorn's WebSocket protocols (websockets, websock
 wsproto) write every frame whole to the transport, so a whole, unmasked text frame written
 between theirs is just one more frame. :func:`direct_ws_transport` finds that transport.
 
-Only the body chunks take this path. The response start, flow-control waits (an empty chunk
-through ``send``) and the end of the response still go through ``send``, so uvicorn's view of
-the response stays true. Under any other server, or when anything wraps ``send``, the function
-returns None and streams use plain ASGI.
+An event stream goes one step further: :func:`take_over` moves its connection out of uvicorn
+altogether, once the response head and the first chunk are out. The request's task, its scope
+and uvicorn's per-connection parser are freed, and a small :class:`DetachedStream` protocol is
+all that stays with the socket: an idle subscriber then costs a few hundred bytes of Python
+objects instead of a task with its coroutine chain (see "Idle memory" in docs/benchmarks.md).
+From then on the stream writes its own chunks, including the last one, and closes the socket
+itself; shutdown reaches it through the fan-out engine, not through uvicorn.
+
+Otherwise only the body chunks take this path. The response start, flow-control waits (an
+empty chunk through ``send``) and the end of the response still go through ``send``, so
+uvicorn's view of the response stays true. Under any other server, or when anything wraps
+``send``, the functions return None and streams use plain ASGI.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import cast
 
 from .asgi import Send
@@ -63,3 +72,91 @@ def direct_ws_transport(send: Send) -> asyncio.Transport | None:
     if transport is None or transport.is_closing() or not hasattr(transport, "writelines"):
         return None
     return cast(asyncio.Transport, transport)
+
+
+class DetachedStream(asyncio.Protocol):
+    """The protocol of a connection taken over from uvicorn by :func:`take_over`.
+
+    The client has nothing more to say on a stream (uvicorn does not read a pipelined request
+    behind one either), so what it sends is dropped. ``on_lost`` is called once the
+    connection is gone, whoever closed it. :meth:`drained` waits out the transport's flow
+    control, as an empty ``send`` would have.
+    """
+
+    __slots__ = ("_on_lost", "_paused", "_waiter", "transport")
+
+    def __init__(self, transport: asyncio.Transport, on_lost: Callable[[], None]) -> None:
+        self.transport = transport
+        self._on_lost: Callable[[], None] | None = on_lost
+        self._paused = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False  # a half-closed client is a gone client: close
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._paused = False
+        self._wake()
+        on_lost, self._on_lost = self._on_lost, None
+        if on_lost is not None:
+            on_lost()
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def drained(self) -> None:
+        """Return once the transport takes writes again (or the connection is gone)."""
+        while self._paused and not self.transport.is_closing():
+            if self._waiter is None:
+                self._waiter = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._waiter)
+
+
+def take_over(send: Send, on_lost: Callable[[], None]) -> DetachedStream | None:
+    """Move a started, chunked uvicorn (httptools) response's connection out of uvicorn.
+
+    Returns the :class:`DetachedStream` now owning the transport, or None (and changes
+    nothing) when the connection cannot be taken: another server, a request body still
+    arriving, or a pipelined request waiting behind this one. After a take-over the ASGI
+    call must return without sending anything more: uvicorn sees a client that went away, and
+    neither logs nor closes. The caller writes the rest of the response, the final empty chunk
+    included, to ``protocol.transport`` and closes it.
+    """
+    transport = direct_transport(send)
+    if transport is None:
+        return None
+    cycle = getattr(send, "__self__", None)
+    owner = getattr(getattr(cycle, "on_response", None), "__self__", None)
+    if owner is None or type(owner).__module__ != _UVICORN_HTTPTOOLS:
+        return None
+    same_connection = getattr(owner, "transport", None) is transport
+    if not same_connection:
+        return None
+    if getattr(cycle, "more_body", True) or getattr(owner, "pipeline", True):
+        return None
+    connections = getattr(owner, "connections", None)
+    flow = getattr(owner, "flow", None)
+    if not isinstance(connections, set) or flow is None:
+        return None
+    protocol = DetachedStream(transport, on_lost)
+    protocol._paused = bool(getattr(flow, "write_paused", False))
+    if getattr(flow, "read_paused", False):
+        flow.resume_reading()
+    transport.set_protocol(protocol)
+    # Out of uvicorn's books: its shutdown no longer waits for this connection (the fan-out
+    # engine ends it), and its request cycle, told the client left, lets the task end quietly.
+    connections.discard(owner)
+    setattr(cycle, "disconnected", True)  # noqa: B010 - an attribute of uvicorn's cycle
+    return protocol

@@ -23,7 +23,7 @@ from ..core.messages import Message
 from ..wire import InvalidCursor, parse_id
 from ..wire.sse import CONTENT_TYPE, encode_comment, encode_retry
 from .asgi import Receive, Send
-from .fastpath import direct_transport
+from .fastpath import DetachedStream, direct_transport, take_over
 from .http import Request
 from .problems import HTTPProblem
 
@@ -48,13 +48,17 @@ class StreamSink:
     connection's transport from :meth:`flush` (when :func:`.fastpath.direct_transport` found
     it), or hands what is queued to a writer coroutine that sends it through ASGI ``send``.
     A direct stream keeps no coroutine of its own: the request's task only waits for the
-    client to leave, which keeps an idle subscriber small.
+    client to leave. A stream :meth:`detach`-ed from the server keeps not even that: its
+    connection belongs to a :class:`~.fastpath.DetachedStream`, and the sink ends the
+    response and closes the connection itself.
     """
 
     __slots__ = (
         "_chunks",
+        "_detached",
         "_drained",
         "_in_flight",
+        "_on_closed",
         "_send",
         "_size",
         "_started",
@@ -77,6 +81,8 @@ class StreamSink:
         self._wake: asyncio.Event | None = None
         self._drained: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+        self._detached: DetachedStream | None = None
+        self._on_closed: Callable[[], None] | None = None
         self.close_reason: CloseReason | None = None
         #: Set by every write that went out; the heartbeat timer resets it each round, so no
         #: clock is read per message on the hot path.
@@ -91,6 +97,22 @@ class StreamSink:
         if transport is None:
             self._wake = asyncio.Event()
             self._drained = asyncio.Event()
+
+    def detach(self, on_closed: Callable[[], None]) -> bool:
+        """Take the started, direct stream's connection from the server (see
+        :func:`.fastpath.take_over`); ``on_closed`` runs once the stream has ended, soon after
+        :meth:`close`. False if the server keeps it: then :meth:`run` serves the stream."""
+        if self._transport is None:
+            return False
+        detached = take_over(self._send, self._lost)
+        if detached is None:
+            return False
+        self._detached = detached
+        self._on_closed = on_closed
+        return True
+
+    def _lost(self) -> None:
+        self.close(CloseReason.UNSUBSCRIBED)
 
     def write(self, data: bytes) -> None:
         self._chunks.append(data)
@@ -120,6 +142,9 @@ class StreamSink:
         return self._size + self._in_flight
 
     async def drained(self) -> None:
+        if self._detached is not None:
+            await self._detached.drained()
+            return
         if self._drained is None:
             # Direct, or not started: an empty body through the server's own send() waits
             # out its flow control.
@@ -139,12 +164,37 @@ class StreamSink:
             self._drained.set()
         if reason is CloseReason.SLOW_CONSUMER and self._transport is not None:
             self._transport.abort()  # its buffer is full: nothing more would get through
+        if self._detached is not None:
+            self._end_detached(reason)
+            return
         task = self._task
         # Waiting for the client (direct), or stuck in send() behind a client that does not
         # read: stop waiting.
         waiting = self._transport is not None or self._in_flight
         if task is not None and task is not asyncio.current_task() and waiting:
             task.cancel()
+
+    def _end_detached(self, reason: CloseReason) -> None:
+        """What :meth:`run` does after a close, for a stream no task serves: the last bytes,
+        the end of the body, then the connection closes (a stream is not kept alive)."""
+        transport = self._transport
+        assert transport is not None
+        if reason is CloseReason.SLOW_CONSUMER:
+            log.warning("cut a slow SSE consumer")
+        elif reason is not CloseReason.UNSUBSCRIBED and not transport.is_closing():
+            tail = b"".join(self._chunks)
+            if reason is CloseReason.SHUTTING_DOWN:
+                tail += encode_retry(self.retry_ms)
+            if tail:
+                transport.write(b"%x\r\n%s\r\n" % (len(tail), tail))
+            transport.write(b"0\r\n\r\n")
+            transport.close()  # after what is buffered has gone out
+        self._chunks = []
+        self._size = 0
+        on_closed, self._on_closed = self._on_closed, None
+        if on_closed is not None:
+            # Not now: the engine may be walking the subscriptions this would remove.
+            asyncio.get_running_loop().call_soon(on_closed)
 
     @property
     def closed(self) -> bool:
@@ -277,19 +327,28 @@ async def _stream(request: Request, subscribe: Callable[[StreamSink], list[Subsc
     subscriptions = subscribe(sink)  # may raise: still early enough for a problem response
     request.streaming = True
     app.heartbeats.sinks.add(sink)
+
+    def cleanup() -> None:
+        app.heartbeats.sinks.discard(sink)
+        for subscription in subscriptions:
+            app.hub.unsubscribe(subscription)
+
+    detached = False
     try:
         await request.send({"type": "http.response.start", "status": 200, "headers": headers})
         await request.send(
             {"type": "http.response.body", "body": encode_retry(sink.retry_ms), "more_body": True}
         )
         sink.start(direct_transport(request.send) if settings.direct_writes else None)
+        if sink.close_reason is None:
+            detached = sink.detach(cleanup)
         sink.flush()  # what a replay queued meanwhile
-        await sink.run(request.receive)
+        if not detached:
+            await sink.run(request.receive)
     finally:
-        app.heartbeats.sinks.discard(sink)
-        for subscription in subscriptions:
-            app.hub.unsubscribe(subscription)
-    if sink.close_reason is CloseReason.SLOW_CONSUMER:
+        if not detached:
+            cleanup()
+    if not detached and sink.close_reason is CloseReason.SLOW_CONSUMER:
         log.warning("cut a slow SSE consumer of %s", request.path)
 
 
