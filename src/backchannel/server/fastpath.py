@@ -37,10 +37,16 @@ from .asgi import Send
 _UVICORN_HTTPTOOLS = "uvicorn.protocols.http.httptools_impl"
 
 
+def _comes_from(obj: object, *modules: str) -> bool:
+    """Is ``obj`` of a class defined in one of ``modules``, or of a subclass of one (a server
+    may extend uvicorn's protocols, e.g. to add limits)?"""
+    return any(cls.__module__ in modules for cls in type(obj).__mro__)
+
+
 def direct_transport(send: Send) -> asyncio.Transport | None:
     """The transport a started, chunked uvicorn (httptools) response may be written to."""
     cycle = getattr(send, "__self__", None)
-    if cycle is None or type(cycle).__module__ != _UVICORN_HTTPTOOLS:
+    if cycle is None or not _comes_from(cycle, _UVICORN_HTTPTOOLS):
         return None
     if getattr(cycle, "chunked_encoding", None) is not True:
         return None
@@ -66,7 +72,7 @@ _UVICORN_WEBSOCKETS = frozenset(
 def direct_ws_transport(send: Send) -> asyncio.Transport | None:
     """The transport an accepted uvicorn WebSocket may be written whole frames to."""
     protocol = getattr(send, "__self__", None)
-    if protocol is None or type(protocol).__module__ not in _UVICORN_WEBSOCKETS:
+    if protocol is None or not _comes_from(protocol, *_UVICORN_WEBSOCKETS):
         return None
     transport = getattr(protocol, "transport", None)
     if transport is None or transport.is_closing() or not hasattr(transport, "writelines"):
@@ -139,7 +145,7 @@ def take_over(send: Send, on_lost: Callable[[], None]) -> DetachedStream | None:
         return None
     cycle = getattr(send, "__self__", None)
     owner = getattr(getattr(cycle, "on_response", None), "__self__", None)
-    if owner is None or type(owner).__module__ != _UVICORN_HTTPTOOLS:
+    if owner is None or not _comes_from(owner, _UVICORN_HTTPTOOLS):
         return None
     same_connection = getattr(owner, "transport", None) is transport
     if not same_connection:
