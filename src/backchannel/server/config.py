@@ -34,8 +34,9 @@ class Settings:
     )
     store: str = _setting(
         "",
-        "store URL: sqlite:///relative/file.db, sqlite:////absolute/file.db or memory://; "
-        "empty means backchannel.db in the data dir",
+        "store URL: sqlite:///relative/file.db, sqlite:////absolute/file.db, memory://, or "
+        "redis://host:port/db?prefix=NAME (also rediss://, unix:///path?db=N&prefix=NAME) for a "
+        "store shared by several hub processes; empty means backchannel.db in the data dir",
     )
     sqlite_synchronous: str = _setting(
         "normal",

@@ -11,6 +11,7 @@ import sys
 
 import uvicorn
 
+from ..store import shown_url
 from .app import BackchannelApp
 from .config import Settings
 from .tcp import TcpServer
@@ -100,7 +101,7 @@ def serve(settings: Settings) -> None:
     if settings.tcp:
         tcp_socket = _bind(settings.host, settings.tcp_port)
         banner += f" and tcp://{shown_host}:{tcp_socket.getsockname()[1]}"
-    banner += f" (store: {settings.store_url})"
+    banner += f" (store: {shown_url(settings.store_url)})"
     config = uvicorn.Config(
         app,
         lifespan="on",
