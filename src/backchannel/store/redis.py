@@ -493,15 +493,21 @@ class RedisStore:
     async def _run(self, call: Awaitable[Any]) -> Any:
         try:
             return await call
-        except (ConnectionError, TimeoutError, OSError) as exc:
-            raise Unavailable(f"Redis does not answer: {exc}") from None
-        except RedisError as exc:
-            # Connection errors of redis-py are RedisErrors too; so are refusals such as OOM or
-            # READONLY: none of them is the caller's fault.
-            if not isinstance(exc, ResponseError):
-                raise Unavailable(f"Redis does not answer: {exc}") from None
+        except ResponseError as exc:
+            # Refusals such as OOM or READONLY: not the caller's fault either.
             log.error("Redis refused a command: %s", exc)
             raise Unavailable(f"Redis refused the command: {exc}") from None
+        except (RedisError, OSError) as exc:  # redis-py's connection errors are RedisErrors
+            await self._forget_idle_connections()
+            raise Unavailable(f"Redis does not answer: {exc}") from None
+
+    async def _forget_idle_connections(self) -> None:
+        """Close the pool's idle connections. After Redis restarted, each of them is dead but
+        does not know it yet; the first command on each would fail. Fresh ones are opened as
+        needed."""
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                await self._client.connection_pool.disconnect(inuse_connections=False)
 
     async def _script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         return await self._run(self._scripts[name](self._live(), keys, args))
@@ -529,6 +535,7 @@ class RedisStore:
                         failures = 0
                         self._subscribed.set()
                         if ever:
+                            await self._forget_idle_connections()
                             self._resync()
                         ever = True
             except asyncio.CancelledError:
