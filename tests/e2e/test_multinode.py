@@ -21,6 +21,7 @@ from .conftest import HubProcess
 from .push_clients import CLIENTS, PushClient
 
 pytestmark = pytest.mark.e2e
+SPREAD = 15
 COUNTED_AS = {"sse": "sse", "ws": "ws", "mux": "ws", "tcp": "tcp"}
 
 
@@ -241,11 +242,12 @@ def test_two_workers_share_the_ports_and_sigterm_stops_them_all(workers_hub: Hub
     assert hub.proc is not None
     children = _children(hub.proc.pid)
     assert len(children) == 2
-    # Hold 16 subscriptions open; each worker counts only its own, so answers from both
-    # workers show two different counts that add up to 16.
+    # Hold 15 subscriptions open; each worker counts only its own, so answers from both
+    # workers show two counts that add up to 15 (an odd number: they cannot be equal).
+    # The kernel hashes each connection to a worker: all 15 on one has a chance of 2 in 2**15.
     streams = []
     with httpx.Client(base_url=hub.url, timeout=30) as http:
-        for _ in range(16):
+        for _ in range(SPREAD):
             client = httpx.Client(base_url=hub.url, timeout=30)  # a connection of its own
             request = client.build_request("GET", "/v1/channels/spread/events")
             streams.append((client, client.send(request, stream=True)))
@@ -254,10 +256,10 @@ def test_two_workers_share_the_ports_and_sigterm_stops_them_all(workers_hub: Hub
             with httpx.Client(base_url=hub.url) as fresh:  # a new connection, a new hash
                 info = fresh.get("/v1/channels/spread").json()
             counts.add(info["subscribers"].get("sse", 0))
-            if len(counts) == 2 and sum(counts) == 16:
+            if len(counts) == 2 and sum(counts) == SPREAD:
                 break
             time.sleep(0.01)
-        assert len(counts) == 2 and sum(counts) == 16, counts
+        assert len(counts) == 2 and sum(counts) == SPREAD and 0 not in counts, counts
         # A publish through either worker reaches the streams held by both.
         assert http.post("/v1/channels/spread/messages", json={"n": 1}).status_code == 201
         for client, response in streams:
@@ -267,7 +269,18 @@ def test_two_workers_share_the_ports_and_sigterm_stops_them_all(workers_hub: Hub
             client.close()
     assert hub.terminate(timeout=30) == 0
     for pid in children:
-        assert not Path(f"/proc/{pid}").exists() or _zombie(pid), f"worker {pid} still runs"
+        assert _gone(pid), f"worker {pid} still runs"
+
+
+def test_workers_stop_when_their_parent_is_killed(workers_hub: HubProcess) -> None:
+    assert workers_hub.proc is not None
+    children = _children(workers_hub.proc.pid)
+    assert len(children) == 2
+    workers_hub.kill()  # SIGKILL: the parent cannot pass anything on
+    deadline = time.monotonic() + 30
+    while not all(_gone(pid) for pid in children):
+        assert time.monotonic() < deadline, "workers outlived their parent"
+        time.sleep(0.05)
 
 
 def test_workers_refuse_a_store_of_one_process(tmp_path: Path) -> None:
@@ -289,9 +302,10 @@ def _children(pid: int) -> list[int]:
     return [int(line) for line in found.stdout.split()]
 
 
-def _zombie(pid: int) -> bool:
+def _gone(pid: int) -> bool:
+    """Exited (a zombie waiting for its parent counts as exited)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
 

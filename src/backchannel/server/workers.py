@@ -24,6 +24,7 @@ start (the store cannot be reached, say) stops them all, with exit status 3.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -48,6 +49,7 @@ log = logging.getLogger("backchannel.workers")
 
 #: How long a worker gets to finish after SIGTERM before it is killed.
 STOP_SECONDS = GRACEFUL_SHUTDOWN_SECONDS + PUSH_GOODBYE_SECONDS + 10
+PR_SET_PDEATHSIG = 1
 #: Pause before replacing a worker that died, so that one that dies at once does not spin.
 RESTART_DELAY = 0.5
 
@@ -71,7 +73,7 @@ def supervise(settings: Settings) -> None:
     def start_worker() -> BaseProcess:
         worker = context.Process(
             target=_worker,
-            args=(settings, port, tcp_port, ready_w, inherited),
+            args=(settings, port, tcp_port, ready_w, inherited, os.getpid()),
             name="backchannel-worker",
         )
         worker.start()
@@ -161,8 +163,10 @@ def _worker(
     tcp_port: int | None,
     ready_fd: int,
     inherited: list[int],
+    parent: int,
 ) -> None:
     """One hub process: its own app, store connection and listening sockets."""
+    _stop_with_parent(parent)
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -176,3 +180,15 @@ def _worker(
         os.write(ready_fd, f"{os.getpid()}\n".encode())
 
     run_server(app, sock, tcp_socket, ready)
+
+
+def _stop_with_parent(parent: int) -> None:
+    """Have the kernel send this process SIGTERM when the parent dies, even by SIGKILL (Linux's
+    PR_SET_PDEATHSIG), so that no worker outlives its supervisor; exit now if it already has."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: workers then outlive a killed parent
+        return
+    if os.getppid() != parent:
+        os._exit(0)
