@@ -106,6 +106,10 @@ def hub_factory(tmp_path: Path) -> Iterator[type[HubProcess]]:
 
 
 STORES = ("sqlite", "redis")
+#: The store of a plain ``hub``: SQLite unless ``TEST_HUB_STORE=redis`` says otherwise, to run
+#: every end-to-end test against Redis at once. Two then fail, rightly: one about SQLite files,
+#: and one that counts the hub's sockets (the Redis pool's count too).
+DEFAULT_STORE = os.environ.get("TEST_HUB_STORE", "sqlite")
 #: Runs a test that takes ``hub`` once per store: the default SQLite file, and a real
 #: redis-server (a fresh key prefix per test).
 on_every_store = pytest.mark.parametrize("hub", STORES, indirect=True)
@@ -122,4 +126,4 @@ def store_args(request: pytest.FixtureRequest, store: str) -> tuple[str, ...]:
 @pytest.fixture
 def hub(request: pytest.FixtureRequest, hub_factory: type[HubProcess]) -> HubProcess:
     """A hub on SQLite, or on the store named by ``on_every_store``."""
-    return hub_factory(*store_args(request, getattr(request, "param", "sqlite"))).start()
+    return hub_factory(*store_args(request, getattr(request, "param", DEFAULT_STORE))).start()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
@@ -284,6 +285,31 @@ async def test_open_store_reads_the_prefix_and_passes_the_rest_on(
     assert open_store("redis://127.0.0.1:1/0").prefix == "backchannel"  # type: ignore[attr-defined]
     with pytest.raises(ValueError, match="prefix"):
         open_store("redis://127.0.0.1:1/0?prefix=has space")
+
+
+async def test_a_unix_socket_url(tmp_path: Path) -> None:
+    path = tmp_path / "redis.sock"
+    server = RedisServer(tmp_path / "unix", "--unixsocket", str(path), "--unixsocketperm", "700")
+    server.start()
+    try:
+        store = open_store(f"unix://{path}?db=3&prefix=u")
+        assert isinstance(store, RedisStore)
+        await store.open()
+        try:
+            heard = Heard(store)
+            await store.append("c", draft("x"), now_ms=T0)
+            await until(lambda: heard.seqs("c") == [1])
+        finally:
+            await store.close()
+        with socket.socket(socket.AF_UNIX) as sock:  # db 3 of that server holds the message
+            sock.connect(str(path))
+            sock.sendall(b"SELECT 3\r\nEXISTS u:m:c\r\n")
+            reply = b""
+            while reply.count(b"\r\n") < 2:
+                reply += sock.recv(100)
+        assert reply == b"+OK\r\n:1\r\n"
+    finally:
+        server.stop()
 
 
 async def test_an_unreachable_redis_refuses_to_open() -> None:

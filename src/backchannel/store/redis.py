@@ -435,16 +435,17 @@ class RedisStore:
     async def open(self) -> None:
         if self._client is not None:
             return
+        options: dict[str, Any] = {
+            "max_connections": DEFAULT_MAX_CONNECTIONS,
+            "timeout": DEFAULT_POOL_TIMEOUT,
+            "socket_timeout": DEFAULT_SOCKET_TIMEOUT,
+            "socket_connect_timeout": DEFAULT_CONNECT_TIMEOUT,
+            "retry": Retry(NoBackoff(), 0),  # never retried: see the module's docstring
+        }
+        if not self.url.startswith("unix:"):
+            options["socket_keepalive"] = True  # TCP only
         # Options in the URL's query win over these defaults (redis-py applies them last).
-        pool = aioredis.BlockingConnectionPool.from_url(
-            self.url,
-            max_connections=DEFAULT_MAX_CONNECTIONS,
-            timeout=DEFAULT_POOL_TIMEOUT,
-            socket_timeout=DEFAULT_SOCKET_TIMEOUT,
-            socket_connect_timeout=DEFAULT_CONNECT_TIMEOUT,
-            socket_keepalive=True,
-            retry=Retry(NoBackoff(), 0),  # never retried: see the module's docstring
-        )
+        pool = aioredis.BlockingConnectionPool.from_url(self.url, **options)
         client = aioredis.Redis(connection_pool=pool)
         self._client = client
         self._subscribed = asyncio.Event()
