@@ -242,3 +242,39 @@ async def test_no_coalescing_when_disabled() -> None:
     engine._last_flush_cost = 1.0
     engine._last_flush_end = engine._clock()
     assert engine.coalesce_delay() == 0
+
+
+async def test_resync_reads_what_was_never_announced() -> None:
+    store = Store(last=2)
+    engine = FanOut(store.read)
+    sink, fresh = Sink(), Sink()
+    engine.subscribe("c", sink, frame, transport="t", after=None)
+    engine.deliver("c", [msg(1)])
+    await settle()
+    engine.subscribe("c", fresh, frame, transport="t", after=None)  # from now: no cursor yet
+    # 2 and 3 were appended while the store's link was down: nobody announces them.
+    store.last = 3
+    engine.resync()
+    await settle()
+    assert sink.seqs() == [1, 2, 3]
+    assert store.reads == [(1, 500)]  # the one without a cursor does not read
+    assert fresh.seqs() == []
+    engine.deliver("c", [msg(4)])
+    await settle()
+    assert sink.seqs() == [1, 2, 3, 4]
+    assert fresh.seqs() == [4]
+
+
+async def test_resync_during_a_replay_makes_it_read_once_more() -> None:
+    store = Store(last=2)
+    store.gate = asyncio.Event()
+    engine = FanOut(store.read)
+    sink = Sink()
+    engine.subscribe("c", sink, frame, transport="t", after=0)
+    await settle()
+    store.last = 3  # appended after the replay's read began; its notification was lost
+    engine.resync()
+    store.gate.set()
+    await settle()
+    assert sink.seqs() == [1, 2, 3]
+    assert len(store.reads) == 2

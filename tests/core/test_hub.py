@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from backchannel.core import Hub, InvalidRequest, Limits, Message, Retention, TooBusy, Unavailable
+from backchannel.core import (
+    Hub,
+    InvalidRequest,
+    Limits,
+    Listener,
+    Message,
+    Retention,
+    TooBusy,
+    Unavailable,
+)
 from backchannel.store import MemoryStore
 
 
@@ -201,5 +210,70 @@ async def test_sweeper_deletes_expired_messages(clock: Clock) -> None:
             if not store._channels["c"].messages:
                 break
         assert store._channels["c"].messages == []
+    finally:
+        await hub.stop()
+
+
+class LossyStore(MemoryStore):
+    """A shared store whose link lost notifications: appends are stored but not announced,
+    until :meth:`resync` tells the listeners so."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.resync_listeners: list[Callable[[], None]] = []
+        self.silent = False
+
+    def add_listener(self, listener: Listener) -> None:
+        super().add_listener(lambda c, m: None if self.silent else listener(c, m))
+
+    def add_resync_listener(self, listener: Callable[[], None]) -> None:
+        self.resync_listeners.append(listener)
+
+    def resync(self) -> None:
+        for listener in self.resync_listeners:
+            listener()
+
+
+async def test_a_resync_makes_long_polls_and_subscriptions_read_again() -> None:
+    store = LossyStore()
+    hub = Hub(store, limits=Limits(max_wait=10))
+    await hub.start()
+    try:
+        sent: list[int] = []
+
+        class Sink:
+            closed = False
+
+            def write(self, data: bytes) -> None:
+                sent.append(int(data))
+
+            def flush(self) -> None:
+                pass
+
+            def buffered(self) -> int:
+                return 0
+
+            async def drained(self) -> None:
+                return None
+
+            def close(self, reason: object) -> None:
+                self.closed = True
+
+        hub.subscribe("c", Sink(), lambda m: str(m.seq).encode(), transport="t", after=0)
+        waiting = asyncio.create_task(hub.poll("c", wait=10))
+        await asyncio.sleep(0.01)
+        store.silent = True
+        await text(hub, "c", "unheard")
+        await asyncio.sleep(0.01)
+        assert not waiting.done() and sent == []
+        store.silent = False
+        store.resync()
+        page = await asyncio.wait_for(waiting, 5)
+        assert [m.data for m in page.messages] == [b"unheard"]
+        for _ in range(100):
+            if sent:
+                break
+            await asyncio.sleep(0.001)
+        assert sent == [1]
     finally:
         await hub.stop()

@@ -14,6 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ..redis_server import RedisServer
+
 LISTENING = re.compile(r"backchannel listening on (http://\S+)(?: and tcp://(\S+):(\d+))?")
 START_TIMEOUT = 30.0
 
@@ -103,6 +105,25 @@ def hub_factory(tmp_path: Path) -> Iterator[type[HubProcess]]:
         hub.stop()
 
 
+STORES = ("sqlite", "redis")
+#: The store of a plain ``hub``: SQLite unless ``TEST_HUB_STORE=redis`` says otherwise, to run
+#: every end-to-end test against Redis at once. Two then fail, rightly: one about SQLite files,
+#: and one that counts the hub's sockets (the Redis pool's count too).
+DEFAULT_STORE = os.environ.get("TEST_HUB_STORE", "sqlite")
+#: Runs a test that takes ``hub`` once per store: the default SQLite file, and a real
+#: redis-server (a fresh key prefix per test).
+on_every_store = pytest.mark.parametrize("hub", STORES, indirect=True)
+
+
+def store_args(request: pytest.FixtureRequest, store: str) -> tuple[str, ...]:
+    """The flags that start a hub on ``store``."""
+    if store == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        return ("--store", server.url_for())
+    return ()
+
+
 @pytest.fixture
-def hub(hub_factory: type[HubProcess]) -> HubProcess:
-    return hub_factory().start()
+def hub(request: pytest.FixtureRequest, hub_factory: type[HubProcess]) -> HubProcess:
+    """A hub on SQLite, or on the store named by ``on_every_store``."""
+    return hub_factory(*store_args(request, getattr(request, "param", DEFAULT_STORE))).start()

@@ -14,7 +14,7 @@ import pytest
 
 from backchannel.client import AsyncClient, Client, JobContext, JobFailed, Worker
 
-from .conftest import HubProcess
+from .conftest import HubProcess, on_every_store
 
 pytestmark = pytest.mark.e2e
 TESTS = Path(__file__).resolve().parent
@@ -28,6 +28,7 @@ def start_worker(hub: HubProcess, tasks: dict[str, Any], concurrency: int = 2) -
     return worker
 
 
+@on_every_store
 def test_submit_then_a_worker_returns_the_result(hub: HubProcess) -> None:
     def square(payload: dict[str, int]) -> int:
         return payload["n"] ** 2

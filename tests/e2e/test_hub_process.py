@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from .conftest import HubProcess
+from .conftest import HubProcess, on_every_store
 
 pytestmark = pytest.mark.e2e
 MESSAGES = "/v1/channels/news/messages"
@@ -32,6 +32,7 @@ def poll_all(client: httpx.Client, path: str = MESSAGES) -> list[dict[str, objec
         after = page["next_after"]
 
 
+@on_every_store
 def test_publish_then_poll(hub: HubProcess) -> None:
     with hub.client() as c:
         ids = [c.post(MESSAGES, json={"n": i}).json()["id"] for i in range(3)]
@@ -41,6 +42,7 @@ def test_publish_then_poll(hub: HubProcess) -> None:
     assert page["next_after"] == ids[-1]
 
 
+@on_every_store
 def test_long_poll_released_by_a_publish(hub: HubProcess) -> None:
     with hub.client() as c:
         result: dict[str, object] = {}
@@ -84,6 +86,7 @@ def test_restart_keeps_ids_and_history(hub: HubProcess) -> None:
     assert int(after, 16) == int(before[-1], 16) + 1
 
 
+@on_every_store
 def test_kill_9_after_acknowledged_publishes_loses_nothing(hub: HubProcess) -> None:
     acknowledged: dict[str, bytes] = {}
     lock = threading.Lock()

@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from .conftest import HubProcess
+from .conftest import HubProcess, on_every_store
 
 pytestmark = pytest.mark.e2e
 
@@ -26,6 +26,7 @@ def claim(c: httpx.Client, **params: object) -> dict[str, object] | None:
     return response.json()  # type: ignore[no-any-return]
 
 
+@on_every_store
 def test_kill_9_keeps_queued_running_and_done_jobs(hub: HubProcess) -> None:
     with hub.client() as c:
         done, running, queued = submit(c, 1), submit(c, 2), submit(c, 3)
@@ -71,6 +72,7 @@ def test_a_killed_worker_s_job_is_run_by_another_after_its_lease(hub: HubProcess
         assert late.status_code == 409
 
 
+@on_every_store
 def test_prefer_wait_through_a_real_server(hub: HubProcess) -> None:
     import threading
 
@@ -98,6 +100,7 @@ def test_prefer_wait_through_a_real_server(hub: HubProcess) -> None:
     assert response.headers["preference-applied"] == "wait=10"
 
 
+@on_every_store
 def test_job_events_stream_progress_and_end_with_the_final_state(hub: HubProcess) -> None:
     import json
     import threading

@@ -13,7 +13,7 @@ import pytest
 from backchannel.wire import frames as f
 from backchannel.wire.sse import EventParser
 
-from .conftest import HubProcess
+from .conftest import HubProcess, on_every_store
 from .push_clients import CLIENTS, PushClient, SSEClient
 
 pytestmark = pytest.mark.e2e
@@ -55,6 +55,7 @@ async def wait_for_subscribers(
     raise AssertionError(f"{count} {transport} subscribers never showed: {info}")
 
 
+@on_every_store
 async def test_live_messages_arrive_in_order(hub: HubProcess, transport: str) -> None:
     client = client_for(transport, hub)
     async with httpx.AsyncClient(base_url=hub.url) as http:
@@ -67,6 +68,7 @@ async def test_live_messages_arrive_in_order(hub: HubProcess, transport: str) ->
     assert received == [(i, f"m{n}") for n, i in enumerate(ids)]
 
 
+@on_every_store
 async def test_resume_after_disconnect_loses_and_repeats_nothing(
     hub: HubProcess, transport: str
 ) -> None:
@@ -88,6 +90,7 @@ async def test_resume_after_disconnect_loses_and_repeats_nothing(
     assert seen[-1][1] == "after reconnect"
 
 
+@on_every_store
 async def test_replay_and_live_join_without_gap_while_publishing(
     hub: HubProcess, transport: str
 ) -> None:

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from backchannel.core import Draft, IdempotencyKeyReused, Message, Retention, Store, Unavailable
-from backchannel.store import MemoryStore, SQLiteStore, StoreLocked
+from backchannel.store import MemoryStore, RedisStore, SQLiteStore, StoreLocked
+
+from ..redis_server import RedisServer, new_prefix
 
 DAY_MS = 86_400_000
 T0 = 1_800_000_000_000
@@ -18,11 +20,21 @@ DEFAULT = Retention(max_count=100, max_age_ms=DAY_MS)
 StoreFactory = Callable[..., Store]
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
+    prefix = new_prefix()  # the same for every store a test makes, as for a restarted hub
+
     def make(retention: Retention = DEFAULT, idempotency_ttl_ms: int = DAY_MS) -> Store:
         if request.param == "memory":
             return MemoryStore(retention=retention, idempotency_ttl_ms=idempotency_ttl_ms)
+        if request.param == "redis":
+            server: RedisServer = request.getfixturevalue("redis_server")
+            return RedisStore(
+                server.url,
+                prefix=prefix,
+                retention=retention,
+                idempotency_ttl_ms=idempotency_ttl_ms,
+            )
         return SQLiteStore(
             tmp_path / "hub.db", retention=retention, idempotency_ttl_ms=idempotency_ttl_ms
         )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,22 +12,33 @@ import pytest
 from backchannel.core import jobs
 from backchannel.core.jobs import Job, JobState
 from backchannel.core.store import Store
-from backchannel.store import MemoryStore, SQLiteStore
+from backchannel.store import MemoryStore, RedisStore, SQLiteStore
+
+from ..redis_server import RedisServer, new_prefix
 
 T0 = 1_800_000_000_000
 LEASE = 30_000
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    s: Store = (
-        MemoryStore(idempotency_ttl_ms=60_000)
-        if request.param == "memory"
-        else SQLiteStore(tmp_path / "hub.db", idempotency_ttl_ms=60_000)
-    )
+    s: Store
+    if request.param == "memory":
+        s = MemoryStore(idempotency_ttl_ms=60_000)
+    elif request.param == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        s = RedisStore(server.url, prefix=new_prefix(), idempotency_ttl_ms=60_000)
+    else:
+        s = SQLiteStore(tmp_path / "hub.db", idempotency_ttl_ms=60_000)
     await s.open()
     yield s
     await s.close()
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.001)
 
 
 def job(queue: str = "q", payload: bytes = b'{"n":1}', now: int = T0) -> Job:
@@ -109,10 +120,12 @@ async def test_listeners_hear_each_stored_change(store: Store) -> None:
     running = jobs.claimed(made, T0, LEASE)
     await store.job_update(running)
     await store.job_update(jobs.claimed(made, T0, LEASE))  # refused: not heard
-    for _ in range(50):
-        await asyncio.sleep(0)
-        if len(heard) == 2:
-            break
+    # A shared store hears its own changes back over the network: wait for the second one, then
+    # for the refused one it must not hear (an append made after it marks when it would have).
+    await _until(lambda: len(heard) >= 2)
+    marker, _ = await store.job_create(job("marker"), idempotency_key=None, now_ms=T0)
+    await _until(lambda: any(h[0] == marker.id for h in heard))
+    heard = [h for h in heard if h[0] != marker.id]
     assert heard == [(made.id, JobState.QUEUED, 1), (made.id, JobState.RUNNING, 2)]
 
 

@@ -19,6 +19,11 @@ written one by one), the engine waits before the next flush, at most as long as 
 took and never more than ``max_coalesce_delay``, so that each write carries several messages:
 the kernel's cost per write, not per byte, is what limits fan-out. An engine that has been idle
 flushes at once, so a lone message pays no delay.
+When the store says notifications may have been lost (:meth:`FanOut.resync`, a shared store
+whose link to the others dropped), every subscription with a cursor reads the store again from
+it, as on a gap. A subscription that started from "now" and has received nothing yet has no
+cursor to read from: it carries on with the next message it hears.
+
 A sink that holds more than ``max_outbound_bytes`` unsent is a slow consumer: it is closed with
 reason ``slow-consumer`` and the others go on at full speed. During a replay the engine waits
 for the sink to drain instead, since there the engine, not the publishers, sets the pace.
@@ -182,6 +187,16 @@ class Subscription:
             self._catching_up = None
             self.sink.close(CloseReason.FAILED)
 
+    def resync(self) -> None:
+        """Notifications may have been lost: read the store from the cursor again."""
+        if self.last_seq is None or self.sink.closed:
+            return
+        if self._catching_up is not None:
+            # The replay may already be past its last read: make it read once more.
+            self._set_aside_overflowed = True
+            return
+        self._start_catch_up()
+
     def cancel(self) -> None:
         if self._catching_up is not None:
             self._catching_up.cancel()
@@ -244,6 +259,12 @@ class FanOut:
         for subscription in subscribers:
             subscription.offer(messages)
         self.schedule_flush()
+
+    def resync(self) -> None:
+        """Catch every subscription up from the store (see :meth:`Subscription.resync`)."""
+        for subscribers in self.channels.values():
+            for subscription in subscribers:
+                subscription.resync()
 
     def schedule_flush(self) -> None:
         if not self._flush_scheduled and self.dirty:

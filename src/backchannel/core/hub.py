@@ -105,6 +105,7 @@ class Hub:
             return
         await self.store.open()
         self.store.add_listener(self._on_appended)
+        self.store.add_resync_listener(self._on_resync)
         self._started = True
         self._closing = False
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="backchannel-sweeper")
@@ -289,6 +290,15 @@ class Hub:
                 if not future.done():
                     future.set_result(last_seq)
         self.fanout.deliver(channel, messages)
+
+    def _on_resync(self) -> None:
+        """Appends may have gone unheard: every long poll reads again, every push subscription
+        catches up from its cursor."""
+        for futures in self._waiters.values():
+            for future in futures:
+                if not future.done():
+                    future.set_result(-1)
+        self.fanout.resync()
 
     # -- push ---------------------------------------------------------------------------------
 

@@ -60,6 +60,7 @@ class JobQueue:
 
     def start(self) -> None:
         self.store.add_job_listener(self._on_changed)
+        self.store.add_resync_listener(self._on_resync)
         self._closing = False
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
 
@@ -268,6 +269,14 @@ class JobQueue:
             # One queued job, one claimer: waking them all would have all but one read the
             # store for nothing. A woken claimer that takes nothing passes the turn on.
             self._wake_one(job.queue)
+
+    def _on_resync(self) -> None:
+        """Job changes may have gone unheard: every long poll and claim looks at the store
+        again (each goes back to waiting if nothing changed for it)."""
+        for waiters in (*self._job_waiters.values(), *self._queue_waiters.values()):
+            for future in waiters:
+                if not future.done():
+                    future.set_result(None)
 
     def _wake_one(self, queue: str) -> None:
         for future in self._queue_waiters.get(queue, ()):

@@ -20,6 +20,11 @@ behaviour suite in ``tests/store`` checks them):
   durably appended: the new messages of one channel, in sequence order, as many as were
   committed together. A store shared by several hub processes calls them for appends made by
   any process.
+- A store shared by several processes hears of their appends and job changes over a link
+  that can lose notifications (Redis pub/sub, when the connection drops). When such a link is
+  back, the store calls its resync listeners: whatever waits for notifications must then read
+  the store again for what it may have missed. Stores that cannot lose a notification (memory,
+  SQLite) never call them.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from .messages import Appended, ChannelStats, Draft, Message
 
 Listener = Callable[[str, Sequence[Message]], None]
 JobListener = Callable[[Job], None]
+ResyncListener = Callable[[], None]
 
 
 class Store(Protocol):
@@ -44,6 +50,10 @@ class Store(Protocol):
         """Raise if the store cannot serve requests now."""
 
     def add_listener(self, listener: Listener) -> None: ...
+
+    def add_resync_listener(self, listener: ResyncListener) -> None:
+        """Call ``listener`` (no arguments, on the event loop) whenever notifications may have
+        been lost."""
 
     async def append(self, channel: str, draft: Draft, *, now_ms: int) -> Appended: ...
 

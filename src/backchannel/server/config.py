@@ -12,13 +12,16 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..core.channels import Retention
 from ..core.errors import InvalidRequest
 from ..core.hub import Limits
 from ..core.jobqueue import JobLimits
+from ..store import REDIS_SCHEMES
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+MAX_WORKERS = 64
 
 
 def _setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None) -> Any:
@@ -34,8 +37,9 @@ class Settings:
     )
     store: str = _setting(
         "",
-        "store URL: sqlite:///relative/file.db, sqlite:////absolute/file.db or memory://; "
-        "empty means backchannel.db in the data dir",
+        "store URL: sqlite:///relative/file.db, sqlite:////absolute/file.db, memory://, or "
+        "redis://host:port/db?prefix=NAME (also rediss://, unix:///path?db=N&prefix=NAME) for a "
+        "store shared by several hub processes; empty means backchannel.db in the data dir",
     )
     sqlite_synchronous: str = _setting(
         "normal",
@@ -89,6 +93,11 @@ class Settings:
     )
     tcp: bool = _setting(True, "serve the raw TCP protocol")
     tcp_port: int = _setting(7000, "TCP port for the binary protocol (0 picks a free one)")
+    workers: int = _setting(
+        1,
+        "hub processes sharing the HTTP and TCP ports; more than 1 needs a store shared between "
+        "processes (redis://)",
+    )
     log_level: str = _setting("info", "log level", choices=LOG_LEVELS)
     access_log: bool = _setting(False, "log every request (costs throughput)")
 
@@ -158,6 +167,13 @@ class Settings:
                 raise ValueError(f"{name} must be between 0 and 65535")
         if self.sse_retry < 0:
             raise ValueError("sse_retry must not be negative")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ValueError(f"workers must be between 1 and {MAX_WORKERS}")
+        if self.workers > 1 and urlsplit(self.store_url).scheme not in REDIS_SCHEMES:
+            raise ValueError(
+                f"--workers {self.workers} needs a store that several processes share, such as "
+                f"redis://127.0.0.1:6379/0; {self.store_url} belongs to one process"
+            )
 
     @property
     def store_url(self) -> str:

@@ -8,9 +8,11 @@ import logging
 import signal
 import socket
 import sys
+from collections.abc import Callable
 
 import uvicorn
 
+from ..store import shown_url
 from .app import BackchannelApp
 from .config import Settings
 from .tcp import TcpServer
@@ -30,12 +32,12 @@ class _Server(uvicorn.Server):
         self,
         config: uvicorn.Config,
         app: BackchannelApp,
-        banner: str,
+        on_ready: Callable[[], None],
         tcp_socket: socket.socket | None,
     ) -> None:
         super().__init__(config)
         self._app = app
-        self._banner = banner
+        self._on_ready = on_ready
         self._tcp_socket = tcp_socket
         self._tcp: TcpServer | None = None
 
@@ -51,8 +53,7 @@ class _Server(uvicorn.Server):
                 max_subscriptions=settings.max_subscriptions,
             )
             await self._tcp.start(self._tcp_socket)
-        # Tests and scripts wait for this line; keep its shape.
-        print(f"backchannel listening on {self._banner}", flush=True)
+        self._on_ready()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         if self._tcp is not None:
@@ -70,37 +71,76 @@ class _Server(uvicorn.Server):
             await self._tcp.wait_closed()
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int, *, reuse_port: bool = False, listen: bool = True) -> socket.socket:
+    """A listening socket on ``host:port``; with ``reuse_port``, one that other processes of
+    this user can bind to the same port as well (see :mod:`.workers`)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
         raise SystemExit(f"backchannel: cannot listen on {host}:{port}: {exc.strerror}") from None
-    sock.listen(2048)
+    if listen:
+        sock.listen(2048)
     sock.set_inheritable(True)
     return sock
 
 
-def serve(settings: Settings) -> None:
+def configure_logging(settings: Settings) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+
+
+def make_app(settings: Settings) -> BackchannelApp:
     try:
-        app = BackchannelApp(settings)
+        return BackchannelApp(settings)
     except ValueError as exc:
         raise SystemExit(f"backchannel: {exc}") from None
-    sock = _bind(settings.host, settings.port)
-    port = sock.getsockname()[1]
+
+
+def banner(settings: Settings, port: int, tcp_port: int | None) -> str:
     shown_host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    banner = f"http://{shown_host}:{port}"
-    tcp_socket = None
-    if settings.tcp:
-        tcp_socket = _bind(settings.host, settings.tcp_port)
-        banner += f" and tcp://{shown_host}:{tcp_socket.getsockname()[1]}"
-    banner += f" (store: {settings.store_url})"
+    text = f"http://{shown_host}:{port}"
+    if tcp_port is not None:
+        text += f" and tcp://{shown_host}:{tcp_port}"
+    return text + f" (store: {shown_url(settings.store_url)})"
+
+
+def serve(settings: Settings) -> None:
+    configure_logging(settings)
+    app = make_app(settings)
+    if settings.workers > 1:
+        from .workers import supervise
+
+        supervise(settings)
+        return
+    sock = bind(settings.host, settings.port)
+    tcp_socket = bind(settings.host, settings.tcp_port) if settings.tcp else None
+    shown = banner(
+        settings,
+        sock.getsockname()[1],
+        tcp_socket.getsockname()[1] if tcp_socket is not None else None,
+    )
+    # Tests and scripts wait for this line; keep its shape.
+    run_server(
+        app, sock, tcp_socket, lambda: print(f"backchannel listening on {shown}", flush=True)
+    )
+
+
+def run_server(
+    app: BackchannelApp,
+    sock: socket.socket,
+    tcp_socket: socket.socket | None,
+    on_ready: Callable[[], None],
+) -> None:
+    """Serve on the sockets until a signal stops the server; ``on_ready`` once listening.
+    Exits with status 3 if the app did not start."""
+    settings = app.settings
     config = uvicorn.Config(
         app,
         lifespan="on",
@@ -115,7 +155,7 @@ def serve(settings: Settings) -> None:
         server_header=False,
         date_header=True,
     )
-    server = _Server(config, app, banner, tcp_socket)
+    server = _Server(config, app, on_ready, tcp_socket)
     # uvicorn re-raises the signal that stopped it once shutdown is done, with the handler that
     # was in place before it started; a no-op handler makes a graceful SIGTERM exit with 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)

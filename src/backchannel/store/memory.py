@@ -9,7 +9,7 @@ from ..core.channels import Retention
 from ..core.errors import IdempotencyKeyReused, Unavailable
 from ..core.jobs import Job, JobState
 from ..core.messages import Appended, ChannelStats, Draft, Message
-from ..core.store import JobListener, Listener
+from ..core.store import JobListener, Listener, ResyncListener
 from .base import DEFAULT_IDEMPOTENCY_TTL_MS, DEFAULT_RETENTION
 
 
@@ -53,6 +53,9 @@ class MemoryStore:
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
+
+    def add_resync_listener(self, listener: ResyncListener) -> None:
+        """Never called: this store loses no notification."""
 
     def _check(self) -> None:
         if not self._open:

@@ -34,7 +34,7 @@ from ..core.channels import Retention
 from ..core.errors import BackchannelError, IdempotencyKeyReused, Unavailable
 from ..core.jobs import Job, JobState
 from ..core.messages import Appended, ChannelStats, Draft, Message
-from ..core.store import JobListener, Listener
+from ..core.store import JobListener, Listener, ResyncListener
 from .base import DEFAULT_IDEMPOTENCY_TTL_MS, DEFAULT_RETENTION
 
 log = logging.getLogger("backchannel.store.sqlite")
@@ -378,6 +378,9 @@ class SQLiteStore:
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
+
+    def add_resync_listener(self, listener: ResyncListener) -> None:
+        """Never called: this store loses no notification."""
 
     def add_job_listener(self, listener: JobListener) -> None:
         self._job_listeners.append(listener)
