@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
+import re
 import signal
 import socket
 import sys
@@ -12,6 +13,7 @@ import sys
 import uvicorn
 
 from .app import BackchannelApp
+from .auth import exposure_error, is_loopback
 from .config import Settings
 from .tcp import TcpServer
 
@@ -49,6 +51,7 @@ class _Server(uvicorn.Server):
                 self._app.hub,
                 max_message_bytes=settings.max_message_bytes,
                 max_subscriptions=settings.max_subscriptions,
+                auth=self._app.auth,
             )
             await self._tcp.start(self._tcp_socket)
         # Tests and scripts wait for this line; keep its shape.
@@ -68,6 +71,19 @@ class _Server(uvicorn.Server):
         await super().shutdown(sockets)
         if self._tcp is not None:
             await self._tcp.wait_closed()
+
+
+_TOKEN_PARAM = re.compile(r"(?<=[?&]token=)[^&\s]*")
+
+
+def _redact_tokens(record: logging.LogRecord) -> bool:
+    """Keep ``?token=`` values out of uvicorn's access log (it logs the path with its query)."""
+    if isinstance(record.args, tuple):
+        record.args = tuple(
+            _TOKEN_PARAM.sub("REDACTED", a) if isinstance(a, str) and "token=" in a else a
+            for a in record.args
+        )
+    return True
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -92,6 +108,14 @@ def serve(settings: Settings) -> None:
         app = BackchannelApp(settings)
     except ValueError as exc:
         raise SystemExit(f"backchannel: {exc}") from None
+    # Before binding: a hub that must not start never listens, not even for a moment.
+    refusal = exposure_error(settings, app.auth.enabled)
+    if refusal is not None:
+        raise SystemExit(f"backchannel: {refusal}")
+    if not app.auth.enabled and not is_loopback(settings.host):
+        log.warning("serving on %s without authentication (--insecure)", settings.host)
+    log.info("%s", app.auth.describe())
+    logging.getLogger("uvicorn.access").addFilter(_redact_tokens)
     sock = _bind(settings.host, settings.port)
     port = sock.getsockname()[1]
     shown_host = f"[{settings.host}]" if ":" in settings.host else settings.host
