@@ -161,7 +161,10 @@ class BackchannelApp:
                     headers=[(b"allow", allow)],
                 )
             raise HTTPProblem("not-found", f"no route for {path[:200]}")
-        return Request(self, scope, receive, send, path, found.route.endpoint, found.params)
+        request = Request(self, scope, receive, send, path, found.route.endpoint, found.params)
+        if not found.route.public:
+            request.authenticate(found.route.token_in_query)
+        return request
 
 
 def _error_response(exc: Exception, path: str, root: str) -> Response:
