@@ -174,7 +174,12 @@ class Request:
         who is calling in :attr:`identity`."""
         auth = self.app.auth
         if auth.enabled:
-            query_token = self.query().get("token") if token_in_query else None
+            query_token = None
+            if token_in_query:
+                given = self.query_all("token")
+                if len(given) > 1:
+                    raise HTTPProblem("invalid-parameter", "'token' is given more than once")
+                query_token = given[0] if given else None
             self.identity = auth.authenticate(
                 bearer_token(self.header(b"authorization"), query_token)
             )

@@ -115,7 +115,6 @@ def serve(settings: Settings) -> None:
     if not app.auth.enabled and not is_loopback(settings.host):
         log.warning("serving on %s without authentication (--insecure)", settings.host)
     log.info("%s", app.auth.describe())
-    logging.getLogger("uvicorn.access").addFilter(_redact_tokens)
     sock = _bind(settings.host, settings.port)
     port = sock.getsockname()[1]
     shown_host = f"[{settings.host}]" if ":" in settings.host else settings.host
@@ -139,6 +138,8 @@ def serve(settings: Settings) -> None:
         server_header=False,
         date_header=True,
     )
+    # After uvicorn's Config, which sets up its loggers.
+    logging.getLogger("uvicorn.access").addFilter(_redact_tokens)
     server = _Server(config, app, banner, tcp_socket)
     # uvicorn re-raises the signal that stopped it once shutdown is done, with the handler that
     # was in place before it started; a no-op handler makes a graceful SIGTERM exit with 0.
