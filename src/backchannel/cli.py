@@ -103,7 +103,12 @@ def _token_parser(sub: Any) -> None:
         "from --secret-file, else BACKCHANNEL_AUTH_SECRET_FILE, else BACKCHANNEL_AUTH_SECRET: "
         "the same places `backchannel serve` reads it from. Patterns: see docs/auth.md.",
     )
-    token.add_argument("--secret-file", default=None, metavar="FILE")
+    token.add_argument(
+        "--secret-file",
+        default=None,
+        metavar="FILE",
+        help="file holding the hub's shared secret [env BACKCHANNEL_AUTH_SECRET_FILE]",
+    )
     for name, text in (
         ("publish", "channel pattern the token may publish to"),
         ("subscribe", "channel pattern the token may read (poll, stream, info)"),

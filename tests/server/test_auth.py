@@ -472,3 +472,18 @@ async def test_retention_needs_admin(http: httpx.AsyncClient, keys: Keys) -> Non
     assert refused.json()["type"] == "/problems/forbidden"
     assert 'error="insufficient_scope"' in refused.headers["www-authenticate"]
     assert (await http.put("/v1/channels/ok.a", json=body, headers=admin)).status_code == 200
+
+
+def test_openapi_names_the_bearer_scheme_on_every_route_but_the_public_ones(keys: Keys) -> None:
+    from backchannel.server import openapi
+
+    spec = openapi.build(settings_for(keys))
+    assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    for path, operations in spec["paths"].items():
+        for operation in operations.values():
+            if path in PUBLIC:
+                assert "security" not in operation
+            else:
+                assert operation["security"] == [{"bearer": []}]
+                assert {"401", "403"} <= set(operation["responses"])
+    assert "securitySchemes" not in openapi.build(Settings())["components"]

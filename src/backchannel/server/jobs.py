@@ -100,9 +100,9 @@ async def submit(request: Request) -> Response:
     if replayed:
         applied.append((b"idempotent-replayed", b"true"))
     if prefer is not None:
-        wait = min(float(prefer.group(1)), jobs.limits.max_wait)
+        # Answered by the token's expiry at the latest, and the header says so.
+        wait = request.cap_wait(min(float(prefer.group(1)), jobs.limits.max_wait))
         applied.append((b"preference-applied", f"wait={wait:g}".encode()))
-        wait = request.cap_wait(wait)  # answered by the token's expiry at the latest
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         # Progress wakes the wait too: keep waiting, for what is left, until the job ends.
