@@ -660,9 +660,18 @@ async def _tcp_end(world: World, token: str) -> str:
     return f"error {event.request} {event.type}"
 
 
-async def _answered(world: World, method: str, path: str, token: str, **kw: Any) -> str:
+async def _answered(
+    world: World,
+    method: str,
+    path: str,
+    token: str,
+    headers: dict[str, str] | None = None,
+    **kw: Any,
+) -> str:
     async with world.http() as http:
-        response = await http.request(method, path, headers=bearer(token), **kw)
+        response = await http.request(
+            method, path, headers={**bearer(token), **(headers or {})}, **kw
+        )
     body = response.json() if response.content else None
     if isinstance(body, dict) and "messages" in body:
         return f"{response.status_code} {len(body['messages'])} messages"
@@ -697,6 +706,14 @@ async def test_long_lived_requests_end_when_the_token_expires(hub: HubProcess, k
         "claim": _answered(
             world, "POST", f"/v1/queues/{name}-empty/claim", token, params={"wait": "50"}
         ),
+        "Prefer: wait": _answered(
+            world,
+            "POST",
+            f"/v1/queues/{name}-idle/jobs",
+            token,
+            headers={"prefer": "wait=50"},
+            json={"n": 1},
+        ),
     }
 
     async def timed(end: Awaitable[str]) -> tuple[str, bool]:
@@ -718,6 +735,7 @@ async def test_long_lived_requests_end_when_the_token_expires(hub: HubProcess, k
         "long poll": ("200 0 messages", True),
         "job long poll": ("200 queued", True),
         "claim": ("204", True),
+        "Prefer: wait": ("202 queued", True),
     }
 
 
