@@ -34,6 +34,7 @@ examples:
   backchannel publish news '{"n": 1}' --json # JSON message
   backchannel poll news                      # everything retained
   backchannel poll news --after 0000000000000002 --wait 30   # long poll
+  backchannel token --subscribe 'news' --ttl 3600  # a development token (HS256)
 """
 
 
@@ -84,7 +85,58 @@ def _client_parent() -> argparse.ArgumentParser:
         default=os.environ.get("BACKCHANNEL_URL", DEFAULT_URL),
         help=f"the hub's address [env BACKCHANNEL_URL] (default: {DEFAULT_URL})",
     )
+    parent.add_argument(
+        "--token",
+        default=None,
+        help="bearer token for a hub with auth [env BACKCHANNEL_TOKEN, which keeps it out of "
+        "the process list]",
+    )
     return parent
+
+
+def _token_parser(sub: Any) -> None:
+    token = sub.add_parser(
+        "token",
+        help="mint an HS256 token for development",
+        description="Print an HS256 token signed with the hub's shared secret, for development "
+        "and tests (production tokens come from your identity provider). The secret is read "
+        "from --secret-file, else BACKCHANNEL_AUTH_SECRET_FILE, else BACKCHANNEL_AUTH_SECRET: "
+        "the same places `backchannel serve` reads it from. Patterns: see docs/auth.md.",
+    )
+    token.add_argument(
+        "--secret-file",
+        default=None,
+        metavar="FILE",
+        help="file holding the hub's shared secret [env BACKCHANNEL_AUTH_SECRET_FILE]",
+    )
+    for name, text in (
+        ("publish", "channel pattern the token may publish to"),
+        ("subscribe", "channel pattern the token may read (poll, stream, info)"),
+        ("submit", "queue pattern the token may submit jobs to"),
+        ("claim", "queue pattern the token may claim jobs from"),
+    ):
+        token.add_argument(
+            f"--{name}", action="append", default=[], metavar="PATTERN", help=text + "; repeat"
+        )
+    token.add_argument("--admin", action="store_true", help="grant admin (channel retention)")
+    token.add_argument(
+        "--ttl",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="seconds until the token expires (default: 3600)",
+    )
+    token.add_argument("--subject", default=None, help="the sub claim: who the token is for")
+    token.add_argument(
+        "--audience",
+        default=os.environ.get("BACKCHANNEL_AUTH_AUDIENCE", ""),
+        help="the aud claim [env BACKCHANNEL_AUTH_AUDIENCE]",
+    )
+    token.add_argument(
+        "--issuer",
+        default=os.environ.get("BACKCHANNEL_AUTH_ISSUER", ""),
+        help="the iss claim [env BACKCHANNEL_AUTH_ISSUER]",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"backchannel {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     parser.set_defaults(serve_parser=_serve_parser(sub))
+    _token_parser(sub)
     client = _client_parent()
 
     publish = sub.add_parser(
@@ -225,8 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args, args.serve_parser)
+    if args.command == "token":
+        return _token(args)
     try:
-        with Client(args.url, tcp_port=args.tcp_port) as client:
+        with Client(args.url, tcp_port=args.tcp_port, token=args.token) as client:
             if args.command == "subscribe":
                 return _subscribe(client, args)
             if args.command == "job":
@@ -252,6 +307,48 @@ def main(argv: list[str] | None = None) -> int:
         print(f"backchannel: {exc}", file=sys.stderr)
         return 2
     sys.stdout.write(orjson.dumps(result).decode() + "\n")
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    from .core.grants import InvalidGrants
+    from .server.auth import AuthConfigError, mint
+
+    path = args.secret_file or os.environ.get("BACKCHANNEL_AUTH_SECRET_FILE")
+    if path:
+        try:
+            with open(path, "rb") as file:
+                secret = file.read().rstrip(b"\r\n")
+        except OSError as exc:
+            raise SystemExit(f"backchannel: cannot read {path}: {exc.strerror}") from None
+    elif os.environ.get("BACKCHANNEL_AUTH_SECRET"):
+        secret = os.environ["BACKCHANNEL_AUTH_SECRET"].encode()
+    else:
+        raise SystemExit(
+            "backchannel: no secret: pass --secret-file, or set BACKCHANNEL_AUTH_SECRET_FILE "
+            "or BACKCHANNEL_AUTH_SECRET"
+        )
+    grants: dict[str, Any] = {
+        name: getattr(args, name)
+        for name in ("publish", "subscribe", "submit", "claim")
+        if getattr(args, name)
+    }
+    if args.admin:
+        grants["admin"] = True
+    if args.ttl <= 0:
+        raise SystemExit("backchannel: --ttl must be positive")
+    try:
+        token = mint(
+            secret,
+            grants=grants,
+            ttl=args.ttl,
+            subject=args.subject,
+            audience=args.audience,
+            issuer=args.issuer,
+        )
+    except (AuthConfigError, InvalidGrants) as exc:
+        raise SystemExit(f"backchannel: {exc}") from None
+    sys.stdout.write(token + "\n")
     return 0
 
 

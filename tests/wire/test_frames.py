@@ -20,12 +20,14 @@ from hypothesis.stateful import (
 
 from backchannel.wire import frames
 from backchannel.wire.frames import (
+    AUTH_VERSION,
     CONNECTION_CLOSED,
     DEFAULT_MAX_FRAME,
     MAGIC,
     NEED_DATA,
     TRANSITIONS,
     VERSIONS,
+    Auth,
     ClientFrame,
     ClosingError,
     Connection,
@@ -55,7 +57,7 @@ from backchannel.wire.frames import (
 
 U32 = (1 << 32) - 1
 U64 = (1 << 64) - 1
-WELCOME = Welcome(version=1, max_frame=DEFAULT_MAX_FRAME, server="backchannel/0.2.0")
+WELCOME = Welcome(version=2, max_frame=DEFAULT_MAX_FRAME, server="backchannel/0.2.0")
 
 
 # -- Helpers ------------------------------------------------------------------------------------
@@ -125,6 +127,7 @@ client_commands: st.SearchStrategy[ClientFrame] = st.one_of(
         data=payloads,
     ),
     st.builds(Ping, request=requests),
+    st.builds(Auth, request=requests, token=texts),
 )
 server_answers: st.SearchStrategy[ServerFrame] = st.one_of(
     st.builds(Ok, request=requests),
@@ -151,6 +154,8 @@ EXAMPLES: list[Frame] = [
     Publish(request=3, channel="news", content_type="application/json", data=b'{"a":1}'),
     Publish(request=4, channel="n", content_type="", idempotency_key="k-1", data=b""),
     Ping(request=5),
+    Auth(request=6, token="eyJhbGciOiJIUzI1NiJ9.e30.c2ln"),
+    Auth(request=U32, token=""),
     WELCOME,
     Welcome(version=1, max_frame=0, server=""),
     Ok(request=1),
@@ -213,6 +218,7 @@ def test_round_trip_with_trailing_data(frame: Frame, extra: int) -> None:
 def test_any_frame_round_trips_in_any_chunking(frame: Frame, data: st.DataObject) -> None:
     receiver = Connection(Role.SERVER if isinstance(frame, ClientFrame) else Role.CLIENT)
     receiver._enter(State.OPEN)  # decoding only: skip the handshake's rules
+    receiver._version = VERSIONS[-1]
     if isinstance(frame, Hello):
         receiver._enter(State.AWAITING_HELLO)
         receiver._versions = tuple(range(256))
@@ -244,7 +250,7 @@ def test_matches_the_specs_example() -> None:
     expected = "00000014 02 00000001 0004 6e657773 01 0000000000000029"
     assert encode(subscribe) == bytes.fromhex(expected)
     assert encode(Ok(request=1)) == bytes.fromhex("00000005 82 00000001")
-    welcome = encode(WELCOME)
+    welcome = encode(Welcome(version=1, max_frame=DEFAULT_MAX_FRAME, server="backchannel/0.2.0"))
     assert welcome[4:12] == bytes.fromhex("81 01 00110000 0011")
     message = encode_message("news", 42, 0, "text/plain", b"")
     assert message[4:19] == bytes.fromhex("85 0004 6e657773 000000000000002a")
@@ -481,7 +487,7 @@ def test_frame_before_welcome_is_refused_by_the_server() -> None:
 
 def test_no_common_version() -> None:
     server = Connection(Role.SERVER)
-    server.receive_data(encode(Hello(versions=(2, 3))))
+    server.receive_data(encode(Hello(versions=(3, 4))))
     with pytest.raises(RemoteProtocolError) as caught:
         server.next_event()
     assert caught.value.error_type == "unsupported-version"
@@ -528,7 +534,7 @@ def test_negotiation_picks_the_highest_common_version() -> None:
 def test_welcome_with_a_version_not_offered() -> None:
     client = Connection(Role.CLIENT)
     client.send(Hello())
-    client.receive_data(encode(Welcome(version=2, max_frame=1000, server="s")))
+    client.receive_data(encode(Welcome(version=3, max_frame=1000, server="s")))
     with pytest.raises(RemoteProtocolError) as caught:
         client.next_event()
     assert caught.value.error_type == "unsupported-version"
@@ -667,7 +673,7 @@ def test_client_cannot_send_server_frames(frame: Frame) -> None:
 def test_hello_twice_and_hello_with_versions_we_do_not_speak() -> None:
     client = Connection(Role.CLIENT)
     with pytest.raises(LocalProtocolError):
-        client.send(Hello(versions=(2,)))
+        client.send(Hello(versions=(3,)))
     with pytest.raises(LocalProtocolError):
         client.send(Hello(versions=()))
     assert client.state is State.AWAITING_HELLO
@@ -782,6 +788,7 @@ MOVES: list[tuple[type[object], Frame]] = [
     (Unsubscribe, Unsubscribe(request=1, channel="c")),
     (Publish, Publish(request=1, channel="c", content_type="", data=b"")),
     (Ping, Ping(request=1)),
+    (Auth, Auth(request=1, token="t")),
     (Welcome, WELCOME),
     (Ok, Ok(request=1)),
     (Published, Published(request=1, seq=1, time_ms=1)),
@@ -795,8 +802,8 @@ MOVES: list[tuple[type[object], Frame]] = [
 def connection_in(role: Role, state: State) -> Connection:
     connection = Connection(role)
     connection._enter(state)
-    connection._version = 1
-    connection._offered = (1,)
+    connection._version = VERSIONS[-1]
+    connection._offered = (VERSIONS[-1],)
     return connection
 
 
@@ -882,7 +889,7 @@ class TwoPeers(RuleBasedStateMachine):
                 break
             assert event == expected.popleft()
             if receiver is self.server and isinstance(event, Hello):
-                assert self.server.version == 1
+                assert self.server.version == VERSIONS[-1]
 
     @precondition(lambda self: self.client.state is State.AWAITING_HELLO)
     @rule()
@@ -892,7 +899,9 @@ class TwoPeers(RuleBasedStateMachine):
     @precondition(lambda self: self.server.state is State.AWAITING_WELCOME)
     @rule(max_frame=st.sampled_from([DEFAULT_MAX_FRAME, 200]))
     def server_welcomes(self, max_frame: int) -> None:
-        self._send(self.server, Welcome(version=1, max_frame=max_frame, server="test"))
+        self._send(
+            self.server, Welcome(version=VERSIONS[-1], max_frame=max_frame, server="test")
+        )
 
     @precondition(lambda self: self.client.state is State.OPEN and not self.client_hung_up)
     @rule(frame=client_commands)
@@ -997,4 +1006,91 @@ def test_protocol_errors_share_a_base() -> None:
     assert issubclass(LocalProtocolError, ProtocolError)
     assert ProtocolError("x").error_type == "protocol-error"
     assert MAGIC == b"BKCH"
-    assert VERSIONS == (1,)
+    assert VERSIONS == (1, 2)
+    assert AUTH_VERSION == 2
+
+
+# -- AUTH and version 2 -------------------------------------------------------------------------
+
+
+def test_auth_layout() -> None:
+    # type 0x06, request u32, token str (u16 length + UTF-8)
+    frame = Auth(request=1, token="abc")
+    assert encode(frame) == bytes.fromhex("0000000a 06 00000001 0003 616263")
+
+
+def test_auth_does_not_show_the_token_in_repr() -> None:
+    assert "secret" not in repr(Auth(request=1, token="secret"))
+
+
+def _open_at(version: int) -> tuple[Connection, Connection]:
+    client = Connection(Role.CLIENT)
+    server = Connection(Role.SERVER, versions=(version,) if version in VERSIONS else VERSIONS)
+    server.receive_data(client.send(Hello(versions=(version,))))
+    assert server.next_event() == Hello(versions=(version,))
+    client.receive_data(server.send(Welcome(version=version, max_frame=1000, server="s")))
+    assert client.next_event() == Welcome(version=version, max_frame=1000, server="s")
+    return client, server
+
+
+def test_an_old_client_still_gets_version_1() -> None:
+    client, server = _open_at(1)
+    assert client.version == server.version == 1
+    client.send(Ping(request=1))
+
+
+def test_a_new_client_and_server_agree_on_version_2() -> None:
+    server = Connection(Role.SERVER)
+    server.receive_data(encode(Hello(versions=(1, 2))))
+    assert server.next_event() == Hello(versions=(1, 2))
+    assert server.version == 2
+
+
+def test_auth_before_welcome_is_refused() -> None:
+    client = Connection(Role.CLIENT)
+    client.send(Hello())
+    with pytest.raises(LocalProtocolError):
+        client.send(Auth(request=1, token="t"))
+    server = Connection(Role.SERVER)
+    server.receive_data(encode(Hello()) + encode(Auth(request=1, token="t")))
+    assert server.next_event() == Hello()
+    with pytest.raises(RemoteProtocolError):  # before WELCOME: not allowed in this state
+        server.next_event()
+
+
+def test_auth_needs_version_2_both_ways() -> None:
+    client, server = _open_at(1)
+    with pytest.raises(LocalProtocolError, match="version 2"):
+        client.send(Auth(request=1, token="t"))
+    assert client.state is State.OPEN
+    server.receive_data(encode(Auth(request=1, token="t")))
+    with pytest.raises(RemoteProtocolError, match="version 2") as caught:
+        server.next_event()
+    assert caught.value.error_type == "protocol-error"
+    assert server.state is State.CLOSED
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",  # nothing
+        b"\x00\x00\x00\x01",  # no token length
+        b"\x00\x00\x00\x01\x00\x05abc",  # token shorter than its length
+        b"\x00\x00\x00\x01\x00\x01ab",  # a trailing byte
+        b"\x00\x00\x00\x00\x00\x01a",  # request 0
+        b"\x00\x00\x00\x01\x00\x01\xff",  # not UTF-8
+    ],
+)
+def test_malformed_auth_is_a_protocol_error(body: bytes) -> None:
+    _, server = open_pair()
+    server.receive_data(raw(0x06, body))
+    with pytest.raises(RemoteProtocolError) as caught:
+        server.next_event()
+    assert caught.value.error_type == "protocol-error"
+
+
+def test_auth_then_commands_in_one_chunk() -> None:
+    client, server = open_pair()
+    sent = [Auth(request=1, token="t" * 300), Subscribe(request=2, channel="a")]
+    server.receive_data(b"".join(client.send(frame) for frame in sent))
+    assert drain(server) == [*sent, NEED_DATA]

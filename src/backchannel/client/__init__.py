@@ -5,10 +5,12 @@ from .aio import AsyncClient, AsyncSubscription
 from .errors import (
     CircuitOpen,
     ClientError,
+    Forbidden,
     HubError,
     HubTimeout,
     HubUnreachable,
     ProtocolViolation,
+    Unauthorized,
 )
 from .jobs import AsyncJobHandle, Job, JobFailed, JobHandle
 from .models import Message, Page, Published
@@ -27,6 +29,7 @@ __all__ = [
     "CircuitOpen",
     "Client",
     "ClientError",
+    "Forbidden",
     "HubError",
     "HubTimeout",
     "HubUnreachable",
@@ -41,5 +44,6 @@ __all__ = [
     "Resilience",
     "RetryPolicy",
     "Subscription",
+    "Unauthorized",
     "Worker",
 ]

@@ -7,8 +7,9 @@ and hand the response back to :meth:`BaseClient.outcome`.
 from __future__ import annotations
 
 import dataclasses
+import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -16,13 +17,16 @@ from urllib.parse import quote, urlsplit
 import httpx
 import orjson
 
-from .errors import ClientError, HubError, HubTimeout, HubUnreachable, ProtocolViolation
+from .errors import ClientError, HubTimeout, HubUnreachable, ProtocolViolation, hub_error
 from .models import Message, Page, Published
 from .resilience import CircuitBreaker, Resilience, RetryPolicy
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TCP_PORT = 7000
 VIAS = ("sse", "ws", "tcp", "longpoll", "poll")
+#: A bearer token, or a function that returns the current one (called for every request and
+#: every connection, so it can hand out a fresh token when the last one expires).
+Token = str | Callable[[], str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +74,7 @@ class BaseClient:
         resilience: Resilience | None = None,
         tcp_port: int = DEFAULT_TCP_PORT,
         reconnect_limit: int | None = None,
+        token: Token | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         parts = urlsplit(self.url)
@@ -91,6 +96,29 @@ class BaseClient:
         #: Reconnections a subscription may make in a row without receiving anything, before
         #: it gives up (None: never give up).
         self.reconnect_limit = reconnect_limit
+        if token is None:
+            token = os.environ.get("BACKCHANNEL_TOKEN") or None
+        self._token = token
+
+    # -- auth ---------------------------------------------------------------------------------
+
+    @property
+    def refreshable(self) -> bool:
+        """Does the token come from a function, so that a new connection may get a new one?
+        Subscriptions whose token expires then reconnect instead of raising."""
+        return callable(self._token)
+
+    def bearer(self) -> str | None:
+        """The token to send now, if any."""
+        token = self._token
+        return token() if callable(token) else token
+
+    def auth_headers(self) -> dict[str, str]:
+        token = self.bearer()
+        return {"authorization": f"Bearer {token}"} if token else {}
+
+    def __repr__(self) -> str:  # never shows the token
+        return f"{type(self).__name__}({self.url!r})"
 
     # -- calls --------------------------------------------------------------------------------
 
@@ -199,7 +227,7 @@ class BaseClient:
             problem = response.json()
         except ValueError:
             problem = {"title": response.reason_phrase, "detail": response.text[:200]}
-        raise HubError(
+        raise hub_error(
             response.status_code, problem if isinstance(problem, dict) else {}, response.headers
         )
 

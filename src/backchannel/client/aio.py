@@ -19,8 +19,18 @@ from .errors import ClientError, HubUnreachable, ProtocolViolation
 from .jobs import AsyncJobHandle, Job
 from .models import Message, Page, Published
 from .resilience import BreakerState
-from .subscription import IDLE_PING, Keepalive, Resume, Spec, close_error
-from .sync import _default_url, _json, tcp_error
+from .subscription import (
+    CLOSE_TOKEN_EXPIRED,
+    IDLE_PING,
+    TOKEN_EXPIRED,
+    Keepalive,
+    Resume,
+    Spec,
+    close_error,
+    refused_handshake,
+    token_expired,
+)
+from .sync import _default_url, _json, tcp_error, tcp_expired, tcp_opening
 
 
 class AsyncClient(BaseClient):
@@ -77,7 +87,7 @@ class AsyncClient(BaseClient):
                 call.method,
                 call.path,
                 params=dict(call.params),
-                headers=dict(call.headers),
+                headers={**call.headers, **self.auth_headers()},
                 content=call.content,
                 timeout=call.timeout or self.timeout,
             )
@@ -261,7 +271,11 @@ class AsyncSubscription(AsyncIterator[Message]):
         request = http.build_request(
             "GET",
             channel_path(self.channel, "/events"),
-            headers={"last-event-id": format_id(after), "accept": "text/event-stream"},
+            headers={
+                "last-event-id": format_id(after),
+                "accept": "text/event-stream",
+                **self.client.auth_headers(),
+            },
             timeout=httpx.Timeout(self.client.timeout.connect, read=60.0),
         )
         try:
@@ -277,7 +291,12 @@ class AsyncSubscription(AsyncIterator[Message]):
                 async for chunk in response.aiter_raw():
                     parser.receive_data(chunk)
                     for event in parser.events():
-                        yield Message.from_document(_json(event.data))
+                        if event.event == "message":
+                            yield Message.from_document(_json(event.data))
+                        elif event.event == TOKEN_EXPIRED:
+                            if self.client.refreshable:
+                                return  # reconnect with a new token
+                            raise token_expired(_json(event.data))
             except httpx.HTTPError as exc:
                 raise translate(exc, self.client.url) from exc
             if parser.retry is not None:
@@ -289,8 +308,13 @@ class AsyncSubscription(AsyncIterator[Message]):
         url = f"{self.client.ws_url}{channel_path(self.channel, '/ws')}?after={format_id(after)}"
         try:
             connection = await websockets.asyncio.client.connect(
-                url, open_timeout=self.client.timeout.connect, max_size=None
+                url,
+                open_timeout=self.client.timeout.connect,
+                max_size=None,
+                additional_headers=self.client.auth_headers(),
             )
+        except websockets.exceptions.InvalidStatus as exc:
+            raise refused_handshake(exc.response.status_code, exc.response.body, url) from exc
         except (OSError, websockets.exceptions.WebSocketException) as exc:
             raise HubUnreachable(f"cannot open {url}: {exc}") from exc
         try:
@@ -300,6 +324,8 @@ class AsyncSubscription(AsyncIterator[Message]):
                     raw = await connection.recv()
                 except websockets.exceptions.ConnectionClosed as exc:
                     code = exc.rcvd.code if exc.rcvd else 1006
+                    if code == CLOSE_TOKEN_EXPIRED and self.client.refreshable:
+                        return  # reconnect with a new token
                     raise close_error(code, exc.rcvd.reason if exc.rcvd else "") from exc
                 yield Message.from_document(_json(raw))
         finally:
@@ -336,7 +362,7 @@ class AsyncSubscription(AsyncIterator[Message]):
             writer.write(codec.send(f.Hello(versions=f.VERSIONS)))
             if not isinstance(await next_frame(), f.Welcome):
                 raise ProtocolViolation("the hub did not answer HELLO with WELCOME")
-            writer.write(codec.send(f.Subscribe(request=1, channel=self.channel, after=after)))
+            writer.write(b"".join(tcp_opening(codec, self.client.bearer(), self.channel, after)))
             while True:
                 event = await next_frame()
                 if isinstance(event, f.Message):
@@ -344,6 +370,8 @@ class AsyncSubscription(AsyncIterator[Message]):
                         event.channel, event.seq, event.time_ms, event.content_type, event.data
                     )
                 elif isinstance(event, f.Error):
+                    if tcp_expired(event) and self.client.refreshable:
+                        return  # reconnect with a new token
                     raise tcp_error(event)
                 elif event is f.CONNECTION_CLOSED:
                     return

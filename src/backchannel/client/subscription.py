@@ -12,16 +12,22 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
+
+import orjson
 
 from ..wire import frames as f
 from ..wire import parse_id
 from ._base import VIAS
-from .errors import CircuitOpen, ClientError, HubError, HubUnreachable
+from .errors import CircuitOpen, ClientError, HubError, HubUnreachable, hub_error
 from .models import Message
 from .resilience import Resilience, is_retryable
 
 #: WebSocket close codes that mean "the request was refused", as opposed to "try again".
-_REFUSALS = {4000: 400, 1008: 403}
+_REFUSALS = {4000: 400, 1008: 403, 4401: 401, 4403: 403}
+#: The SSE event, WebSocket close code and TCP error type of a stream whose token expired.
+TOKEN_EXPIRED = "token-expired"
+CLOSE_TOKEN_EXPIRED = 4401
 _SLUG = re.compile(r"[a-z][a-z-]*")
 #: Seconds of silence on a TCP subscription before the client pings the hub; a ping left
 #: unanswered for as long again means the connection is dead.
@@ -38,7 +44,35 @@ def close_error(code: int, reason: str) -> ClientError:
     problem: dict[str, object] = {"title": f"WebSocket closed with {code}", "detail": reason}
     if sep and _SLUG.fullmatch(slug):
         problem = {"type": f"/problems/{slug}", "title": slug, "detail": detail}
-    return HubError(status, problem)
+    return hub_error(status, problem)
+
+
+def refused_handshake(status: int, body: bytes | bytearray, url: str) -> ClientError:
+    """A WebSocket handshake the hub answered with an HTTP error instead of 101 (a 401 or 403
+    for the token, with a problem document)."""
+    try:
+        problem: Any = orjson.loads(bytes(body))
+    except orjson.JSONDecodeError:
+        problem = None
+    if not isinstance(problem, dict):
+        problem = {"title": f"HTTP {status}", "detail": f"the hub refused {url}"}
+    if status >= 500:
+        return HubUnreachable(f"the hub answered the WebSocket handshake with {status}")
+    return hub_error(status, problem)
+
+
+def token_expired(problem: dict[str, Any] | None = None) -> HubError:
+    """The error a subscription raises when its stream ended because the token expired (and
+    the client cannot get a new one: its token is a string, not a function)."""
+    return hub_error(
+        401,
+        problem
+        or {
+            "type": f"/problems/{TOKEN_EXPIRED}",
+            "title": "Token expired",
+            "detail": "the token expired during the subscription",
+        },
+    )
 
 
 class Keepalive:

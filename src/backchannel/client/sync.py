@@ -17,11 +17,21 @@ from ..wire import format_id
 from ..wire import frames as f
 from ..wire.sse import EventParser
 from ._base import BaseClient, Call, channel_path, translate
-from .errors import ClientError, HubError, HubUnreachable, ProtocolViolation
+from .errors import ClientError, HubUnreachable, ProtocolViolation, hub_error
 from .jobs import Job, JobHandle
 from .models import Message, Page, Published
 from .resilience import BreakerState
-from .subscription import IDLE_PING, Keepalive, Resume, Spec, close_error
+from .subscription import (
+    CLOSE_TOKEN_EXPIRED,
+    IDLE_PING,
+    TOKEN_EXPIRED,
+    Keepalive,
+    Resume,
+    Spec,
+    close_error,
+    refused_handshake,
+    token_expired,
+)
 
 
 class Client(BaseClient):
@@ -81,7 +91,7 @@ class Client(BaseClient):
                 call.method,
                 call.path,
                 params=dict(call.params),
-                headers=dict(call.headers),
+                headers={**call.headers, **self.auth_headers()},
                 content=call.content,
                 timeout=call.timeout or self.timeout,
             )
@@ -266,7 +276,11 @@ class Subscription(Iterator[Message]):
         request = http.build_request(
             "GET",
             channel_path(self.channel, "/events"),
-            headers={"last-event-id": format_id(after), "accept": "text/event-stream"},
+            headers={
+                "last-event-id": format_id(after),
+                "accept": "text/event-stream",
+                **self.client.auth_headers(),
+            },
             timeout=httpx.Timeout(self.client.timeout.connect, read=60.0),
         )
         try:
@@ -282,7 +296,12 @@ class Subscription(Iterator[Message]):
             for chunk in response.iter_raw():
                 parser.receive_data(chunk)
                 for event in parser.events():
-                    yield Message.from_document(_json(event.data))
+                    if event.event == "message":
+                        yield Message.from_document(_json(event.data))
+                    elif event.event == TOKEN_EXPIRED:
+                        if self.client.refreshable:
+                            return  # reconnect with a new token
+                        raise token_expired(_json(event.data))
         except httpx.HTTPError as exc:
             raise translate(exc, self.client.url) from exc
         finally:
@@ -294,8 +313,13 @@ class Subscription(Iterator[Message]):
         url = f"{self.client.ws_url}{channel_path(self.channel, '/ws')}?after={format_id(after)}"
         try:
             opened = websockets.sync.client.connect(
-                url, open_timeout=self.client.timeout.connect, max_size=None
+                url,
+                open_timeout=self.client.timeout.connect,
+                max_size=None,
+                additional_headers=self.client.auth_headers(),
             )
+        except websockets.exceptions.InvalidStatus as exc:
+            raise refused_handshake(exc.response.status_code, exc.response.body, url) from exc
         except (OSError, websockets.exceptions.WebSocketException) as exc:
             raise HubUnreachable(f"cannot open {url}: {exc}") from exc
         with opened as connection:
@@ -306,6 +330,8 @@ class Subscription(Iterator[Message]):
                     raw = connection.recv()
                 except websockets.exceptions.ConnectionClosed as exc:
                     code = exc.rcvd.code if exc.rcvd else 1006
+                    if code == CLOSE_TOKEN_EXPIRED and self.client.refreshable:
+                        return  # reconnect with a new token
                     raise close_error(code, exc.rcvd.reason if exc.rcvd else "") from exc
                 yield Message.from_document(_json(raw))
 
@@ -339,7 +365,7 @@ class Subscription(Iterator[Message]):
             sock.sendall(codec.send(f.Hello(versions=f.VERSIONS)))
             if not isinstance(next_frame(), f.Welcome):
                 raise ProtocolViolation("the hub did not answer HELLO with WELCOME")
-            sock.sendall(codec.send(f.Subscribe(request=1, channel=self.channel, after=after)))
+            sock.sendall(b"".join(tcp_opening(codec, self.client.bearer(), self.channel, after)))
             while True:
                 event = next_frame()
                 if isinstance(event, f.Message):
@@ -347,6 +373,8 @@ class Subscription(Iterator[Message]):
                         event.channel, event.seq, event.time_ms, event.content_type, event.data
                     )
                 elif isinstance(event, f.Error):
+                    if tcp_expired(event) and self.client.refreshable:
+                        return  # reconnect with a new token
                     raise tcp_error(event)
                 elif event is f.CONNECTION_CLOSED:
                     return
@@ -375,12 +403,42 @@ class Subscription(Iterator[Message]):
                 self.client._sleep(self.spec.interval)
 
 
+#: The HTTP status a TCP ERROR's type stands for, where it is not 400.
+_TCP_STATUSES = {
+    "token-required": 401,
+    "invalid-token": 401,
+    "token-expired": 401,
+    "forbidden": 403,
+}
+
+
+def tcp_opening(codec: f.Connection, token: str | None, channel: str, after: int) -> list[bytes]:
+    """What a TCP subscription sends once WELCOME came: AUTH with its token (if it has one),
+    then SUBSCRIBE. The hub answers in order, so the subscription need not wait for the OK."""
+    out = []
+    request = 1
+    if token:
+        if (codec.version or 0) < f.AUTH_VERSION:
+            raise ProtocolViolation(
+                f"the hub speaks TCP protocol version {codec.version}, which cannot carry a token"
+            )
+        out.append(codec.send(f.Auth(request=request, token=token)))
+        request += 1
+    out.append(codec.send(f.Subscribe(request=request, channel=channel, after=after)))
+    return out
+
+
+def tcp_expired(event: f.Error) -> bool:
+    return event.request == 0 and event.type == TOKEN_EXPIRED
+
+
 def tcp_error(event: f.Error) -> ClientError:
     """A TCP ERROR frame as the exception it stands for."""
     if event.request == 0 and event.type in ("slow-consumer", "shutting-down"):
         return HubUnreachable(f"the hub ended the connection: {event.type}")
-    return HubError(
-        400, {"type": f"/problems/{event.type}", "title": event.type, "detail": event.detail}
+    return hub_error(
+        _TCP_STATUSES.get(event.type, 400),
+        {"type": f"/problems/{event.type}", "title": event.type, "detail": event.detail},
     )
 
 

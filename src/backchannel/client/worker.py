@@ -26,6 +26,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from ._base import Token
 from .errors import ClientError, HubError
 from .jobs import Job
 from .sync import Client
@@ -79,10 +80,11 @@ class Worker:
         concurrency: int = 1,
         lease: float = 30.0,
         client: Client | None = None,
+        token: Token | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
-        self.client = client or Client(url)
+        self.client = client or Client(url, token=token)
         self.concurrency = concurrency
         self.lease = lease
         self.tasks: dict[str, Task] = {}

@@ -53,6 +53,8 @@ class CloseReason(enum.Enum):
     SHUTTING_DOWN = "shutting-down"
     UNSUBSCRIBED = "unsubscribed"
     FAILED = "failed"
+    #: The credentials the connection was opened with ran out (a token's ``exp``).
+    TOKEN_EXPIRED = "token-expired"
 
 
 class Sink(Protocol):

@@ -26,6 +26,7 @@ from ..core.store import Store
 from ..store import open_store
 from . import openapi
 from .asgi import Receive, Scope, Send
+from .auth import Authenticator
 from .config import Settings
 from .http import ClientDisconnected, Request, Response, problem_response
 from .problems import HTTPProblem, problem_for
@@ -45,6 +46,8 @@ class BackchannelApp:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings or Settings()
+        # Before the store: a key that cannot be loaded stops the app before it opens files.
+        self.auth = Authenticator.from_settings(self.settings, clock)
         if store is None:
             store = open_store(
                 self.settings.store_url,
@@ -158,7 +161,10 @@ class BackchannelApp:
                     headers=[(b"allow", allow)],
                 )
             raise HTTPProblem("not-found", f"no route for {path[:200]}")
-        return Request(self, scope, receive, send, path, found.route.endpoint, found.params)
+        request = Request(self, scope, receive, send, path, found.route.endpoint, found.params)
+        if not found.route.public:
+            request.authenticate(found.route.token_in_query)
+        return request
 
 
 def _error_response(exc: Exception, path: str, root: str) -> Response:

@@ -8,9 +8,11 @@ from typing import Any
 import orjson
 
 from ..core.channels import validate_channel
+from ..core.grants import Action
 from ..core.hub import ChannelInfo
 from ..wire import InvalidCursor, parse_id
 from ..wire.jsonfmt import encode_page, format_time
+from .auth import require, require_admin
 from .http import JSON, ClientDisconnected, Request, Response, json_response
 from .problems import HTTPProblem
 
@@ -21,6 +23,7 @@ MAX_SETTINGS_BYTES = 16 * 1024
 async def publish(request: Request) -> Response:
     hub = request.app.hub
     channel = validate_channel(request.params["channel"])
+    require(request.identity, Action.PUBLISH, channel)
     key = request.header(b"idempotency-key")
     data = await request.body(hub.limits.max_message_bytes)
     appended = await hub.publish(
@@ -40,10 +43,12 @@ async def publish(request: Request) -> Response:
 async def poll(request: Request) -> Response:
     hub = request.app.hub
     channel = validate_channel(request.params["channel"])
+    require(request.identity, Action.SUBSCRIBE, channel)
     query = request.query()
     after = _cursor(query.get("after"))
     limit = request.query_whole("limit")
-    wait = request.query_seconds("wait") or 0.0
+    # A long poll answers when the caller's token expires, at the latest.
+    wait = request.cap_wait(hub.check_wait(request.query_seconds("wait") or 0.0))
     if wait:
         page = await request.until_disconnected(
             hub.poll(channel, after=after, limit=limit, wait=wait)
@@ -55,12 +60,15 @@ async def poll(request: Request) -> Response:
 
 
 async def channel_info(request: Request) -> Response:
-    info = await request.app.hub.info(request.params["channel"])
+    channel = validate_channel(request.params["channel"])
+    require(request.identity, Action.SUBSCRIBE, channel)
+    info = await request.app.hub.info(channel)
     return json_response(200, _info_document(info), [NO_STORE])
 
 
 async def configure_channel(request: Request) -> Response:
     channel = validate_channel(request.params["channel"])
+    require_admin(request.identity)
     body = await request.body(MAX_SETTINGS_BYTES, "16 KiB for channel settings")
     try:
         document = orjson.loads(body)

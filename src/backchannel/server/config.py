@@ -24,13 +24,19 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 MAX_WORKERS = 64
 
 
-def _setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices})
+def _setting(
+    default: Any, help: str, *, choices: tuple[str, ...] | None = None, secret: bool = False
+) -> Any:
+    # A secret stays out of repr(), so that logging the settings cannot leak it.
+    return field(default=default, repr=not secret, metadata={"help": help, "choices": choices})
 
 
 @dataclass(frozen=True, kw_only=True)
 class Settings:
-    host: str = _setting("127.0.0.1", "address to listen on")
+    host: str = _setting(
+        "127.0.0.1",
+        "address to listen on; any but a loopback address needs auth configured, or --insecure",
+    )
     port: int = _setting(8000, "HTTP port to listen on (0 picks a free one)")
     data_dir: str = _setting(
         "backchannel-data", "folder for the embedded store's files, used when no store URL is given"
@@ -98,6 +104,35 @@ class Settings:
         "hub processes sharing the HTTP and TCP ports; more than 1 needs a store shared between "
         "processes (redis://)",
     )
+    auth_secret: str = _setting(
+        "",
+        "shared secret for HS256 tokens, at least 32 bytes (prefer the variable or "
+        "--auth-secret-file: a flag shows in the process list)",
+        secret=True,
+    )
+    auth_secret_file: str = _setting(
+        "", "file holding the shared secret for HS256 tokens (a trailing newline is ignored)"
+    )
+    auth_public_keys: str = _setting(
+        "",
+        "comma-separated PEM files, each a public key or certificate (RSA: RS256/PS256…, "
+        "EC: ES256/ES384/ES512, Ed25519: EdDSA)",
+    )
+    auth_jwks: str = _setting("", "JWKS file of public keys, chosen by the token's kid")
+    auth_audience: str = _setting("", "the aud a token must name (empty: aud is not checked)")
+    auth_issuer: str = _setting("", "the iss a token must name (empty: iss is not checked)")
+    auth_leeway: float = _setting(
+        0.0, "seconds of clock difference allowed when checking exp and nbf"
+    )
+    auth_cache_tokens: int = _setting(
+        1024, "verified tokens remembered, so a repeated token skips the signature check"
+    )
+    max_token_bytes: int = _setting(8192, "longest token accepted (401 above)")
+    insecure: bool = _setting(
+        False,
+        "serve without auth on an address other machines can reach (something in front of "
+        "the hub must authenticate callers)",
+    )
     log_level: str = _setting("info", "log level", choices=LOG_LEVELS)
     access_log: bool = _setting(False, "log every request (costs throughput)")
 
@@ -142,6 +177,8 @@ class Settings:
             "job_lease",
             "job_max_lease",
             "job_retention",
+            "auth_cache_tokens",
+            "max_token_bytes",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -174,6 +211,15 @@ class Settings:
                 f"--workers {self.workers} needs a store that several processes share, such as "
                 f"redis://127.0.0.1:6379/0; {self.store_url} belongs to one process"
             )
+        if not 0 <= self.auth_leeway <= 3600:
+            raise ValueError("auth_leeway must be between 0 and 3600 seconds")
+
+    @property
+    def auth_configured(self) -> bool:
+        """Does any setting name a key? (Whether the keys load is checked at start-up.)"""
+        return bool(
+            self.auth_secret or self.auth_secret_file or self.auth_public_keys or self.auth_jwks
+        )
 
     @property
     def store_url(self) -> str:

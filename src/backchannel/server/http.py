@@ -13,6 +13,7 @@ from urllib.parse import parse_qsl
 import orjson
 
 from .asgi import Receive, Scope, Send
+from .auth import ANONYMOUS, Identity, bearer_token
 from .problems import CONTENT_TYPE as PROBLEM_CONTENT_TYPE
 from .problems import HTTPProblem
 
@@ -68,6 +69,7 @@ class Request:
         "_pairs",
         "app",
         "endpoint",
+        "identity",
         "params",
         "path",
         "receive",
@@ -96,6 +98,8 @@ class Request:
         self.send = send
         self.path = path
         self.params = params
+        #: Who is calling: set by the app from the request's token before the endpoint runs.
+        self.identity: Identity = ANONYMOUS
         self._headers: dict[bytes, bytes] | None = None
         self._pairs: list[tuple[str, str]] | None = None
 
@@ -164,6 +168,32 @@ class Request:
                 "invalid-parameter", f"{name} must be a number of seconds, not {value[:40]!r}"
             )
         return seconds
+
+    def authenticate(self, token_in_query: bool) -> Identity:
+        """Verify the request's bearer token (a 401 problem if it does not pass) and remember
+        who is calling in :attr:`identity`."""
+        auth = self.app.auth
+        if auth.enabled:
+            query_token = None
+            if token_in_query:
+                given = self.query_all("token")
+                if len(given) > 1:
+                    raise HTTPProblem("invalid-parameter", "'token' is given more than once")
+                query_token = given[0] if given else None
+            self.identity = auth.authenticate(
+                bearer_token(self.header(b"authorization"), query_token)
+            )
+        return self.identity
+
+    def seconds_left(self) -> float | None:
+        """Seconds until the caller's token expires; None when it never does."""
+        expires = self.identity.expires
+        return None if expires is None else max(0.0, expires - self.app.auth.clock())
+
+    def cap_wait(self, wait: float) -> float:
+        """A wait of ``wait`` seconds, cut so it ends when the caller's token expires."""
+        left = self.seconds_left()
+        return wait if left is None else min(wait, left)
 
     async def body(self, max_bytes: int, limit_name: str = "max_message_bytes") -> bytes:
         """The whole body, or a ``message-too-large`` problem as soon as it passes ``max_bytes``

@@ -14,14 +14,17 @@ from typing import Any
 
 import orjson
 
+from ..core.channels import validate_channel
 from ..core.errors import TooBusy
+from ..core.grants import Action
 from ..core.jobs import Job
 from ..wire.jsonfmt import format_time
 from ..wire.payload import Encoding, InvalidPayload, encoding_for, validate_payload
 from ..wire.sse import encode_comment, encode_event, encode_retry
+from .auth import require, require_job
 from .http import JSON, ClientDisconnected, Request, Response
 from .problems import HTTPProblem
-from .sse import stream_headers
+from .sse import TOKEN_EXPIRED_EVENT, stream_headers
 
 NO_STORE = (b"cache-control", b"no-store")
 MAX_COMMAND_BYTES = 1 << 20
@@ -67,9 +70,20 @@ def _json_body(body: bytes, what: str) -> None:
         raise HTTPProblem("malformed-json", f"{what} must be JSON: {exc.detail}") from None
 
 
+async def _authorize_job(request: Request, action: Action | None) -> Job | None:
+    """With auth on: the job, once the caller may ``action`` it (None: read it). Who may
+    touch a job is decided by its queue (docs/auth.md, "Jobs")."""
+    if not request.app.auth.enabled:
+        return None
+    job = await request.app.jobs.get(request.params["job"])
+    require_job(request.identity, job.queue, action)
+    return job
+
+
 async def submit(request: Request) -> Response:
     jobs = request.app.jobs
-    queue = request.params["queue"]
+    queue = validate_channel(request.params["queue"])
+    require(request.identity, Action.SUBMIT, queue)
     content_type = request.header(b"content-type")
     if content_type is not None and encoding_for(content_type) is not Encoding.JSON:
         raise HTTPProblem("unsupported-media-type", "a job's payload is JSON (application/json)")
@@ -86,7 +100,8 @@ async def submit(request: Request) -> Response:
     if replayed:
         applied.append((b"idempotent-replayed", b"true"))
     if prefer is not None:
-        wait = min(float(prefer.group(1)), jobs.limits.max_wait)
+        # Answered by the token's expiry at the latest, and the header says so.
+        wait = request.cap_wait(min(float(prefer.group(1)), jobs.limits.max_wait))
         applied.append((b"preference-applied", f"wait={wait:g}".encode()))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
@@ -112,32 +127,39 @@ async def get_job(request: Request) -> Response:
     jobs = request.app.jobs
     wait = request.query_seconds("wait") or 0.0
     seen = request.query_whole("version")
+    job = await _authorize_job(request, None)
+    if wait > 0:
+        wait = request.cap_wait(wait)  # answered by the token's expiry at the latest
     if wait:
         job = await request.until_disconnected(
             jobs.wait(request.params["job"], seen=seen, seconds=wait)
         )
-    else:
+    elif job is None:
         job = await jobs.get(request.params["job"])
     return _response(200, job)
 
 
 async def cancel_job(request: Request) -> Response:
+    await _authorize_job(request, Action.SUBMIT)
     return _response(200, await request.app.jobs.cancel(request.params["job"]))
 
 
 async def claim(request: Request) -> Response:
     jobs = request.app.jobs
+    queue = validate_channel(request.params["queue"])
+    require(request.identity, Action.CLAIM, queue)
     wait = request.query_seconds("wait") or 0.0
+    if wait > 0:
+        wait = request.cap_wait(wait)
     lease_seconds = request.query_seconds("lease")
-    job = await request.until_disconnected(
-        jobs.claim(request.params["queue"], wait=wait, lease=lease_seconds)
-    )
+    job = await request.until_disconnected(jobs.claim(queue, wait=wait, lease=lease_seconds))
     if job is None:
         return Response(204, b"", None, [NO_STORE])
     return _response(200, job, lease=True)
 
 
 async def _command(request: Request) -> dict[str, Any]:
+    await _authorize_job(request, Action.CLAIM)
     body = await request.body(MAX_COMMAND_BYTES, "1 MiB for worker commands")
     try:
         command = orjson.loads(body)
@@ -195,6 +217,8 @@ async def job_events(request: Request) -> None:
     ``Last-Event-ID`` resumes after that version."""
     jobs = request.app.jobs
     job = await jobs.get(request.params["job"])
+    if request.app.auth.enabled:
+        require_job(request.identity, job.queue)
     seen = 0
     resume = request.header(b"last-event-id")
     if resume:
@@ -215,8 +239,16 @@ async def job_events(request: Request) -> None:
             seen = job.version
         if job.state.finished or jobs.closing:
             break
+        left = request.seconds_left()
+        if left is not None and left <= 0:
+            await request.send(
+                {"type": "http.response.body", "body": TOKEN_EXPIRED_EVENT, "more_body": True}
+            )
+            break
         try:
-            job = await request.until_disconnected(jobs.watch(job.id, seen=seen, seconds=beat))
+            job = await request.until_disconnected(
+                jobs.watch(job.id, seen=seen, seconds=beat if left is None else min(beat, left))
+            )
         except ClientDisconnected:
             return
         if job.version <= seen and not job.state.finished:

@@ -391,8 +391,18 @@ def build(settings: Settings) -> dict[str, Any]:
     for route in ROUTES:
         if route.method == "WEBSOCKET":  # OpenAPI does not describe WebSockets: protocol.md does
             continue
-        operation = {"summary": route.summary, "operationId": route.endpoint.__name__}
+        operation: dict[str, Any] = {
+            "summary": route.summary,
+            "operationId": route.endpoint.__name__,
+        }
         operation.update(details[(route.method, route.path)])
+        if settings.auth_configured and not route.public:
+            # docs/auth.md: every route but the public ones takes a bearer token.
+            operation["security"] = [{"bearer": []}]
+            operation["responses"] = {
+                **operation["responses"],
+                **_problems("token-required", "invalid-token", "token-expired", "forbidden"),
+            }
         paths.setdefault(route.path, {})[route.method.lower()] = operation
 
     message = {
@@ -406,6 +416,15 @@ def build(settings: Settings) -> dict[str, Any]:
             "encoding": {"enum": ["json", "text", "base64"]},
             "data": {"description": "The JSON value, the text, or the bytes in base64"},
         },
+    }
+    security_schemes = {
+        "bearer": {
+            "type": "http",
+            "scheme": "bearer",
+            "bearerFormat": "JWT",
+            "description": "A JWT whose bc claim grants the action (docs/auth.md). Event "
+            "streams and WebSockets also take it as ?token=.",
+        }
     }
     return {
         "openapi": "3.1.0",
@@ -488,6 +507,7 @@ def build(settings: Settings) -> dict[str, Any]:
                         "instance": {"type": "string"},
                     },
                 },
-            }
+            },
+            **({"securitySchemes": security_schemes} if settings.auth_configured else {}),
         },
     }

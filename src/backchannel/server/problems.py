@@ -175,6 +175,36 @@ _TYPES = [
         "Invalid job request",
         "A worker command lacks its lease or a field, or a lease or attempt count is out of range.",
     ),
+    # Authentication and authorization (docs/auth.md). The 401s carry WWW-Authenticate.
+    ProblemType(
+        "token-required",
+        401,
+        "Token required",
+        "The hub requires a bearer token: send Authorization: Bearer TOKEN, or ?token= on "
+        "event streams and WebSockets (or an AUTH frame on TCP).",
+    ),
+    ProblemType(
+        "invalid-token",
+        401,
+        "Invalid token",
+        "The token is malformed, uses an algorithm the hub does not accept, does not verify "
+        "with the hub's keys, is not valid yet (nbf), names another audience or issuer, has "
+        "no exp, or has a malformed bc claim.",
+    ),
+    ProblemType(
+        "token-expired",
+        401,
+        "Token expired",
+        "The token's exp has passed. Get a new token and try again; a stream that ended "
+        "because its token expired resumes from its last message id.",
+    ),
+    ProblemType(
+        "forbidden",
+        403,
+        "Forbidden",
+        "The token is valid but does not grant this: publish or subscribe on this channel, "
+        "submit or claim on this queue, or admin.",
+    ),
     ProblemType(
         "origin-not-allowed",
         403,

@@ -26,6 +26,11 @@ class Route:
     path: str
     endpoint: Endpoint
     summary: str
+    #: Answered without a token even when the hub has auth (health, the API's description).
+    public: bool = False
+    #: Takes the token as ``?token=`` too: event streams and WebSockets, which browsers open
+    #: without a way to add an Authorization header.
+    token_in_query: bool = False
     segments: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:

@@ -1,4 +1,8 @@
-"""Every route of the HTTP API, declared in one place: the hub's ServeMux."""
+"""Every route of the HTTP API, declared in one place: the hub's ServeMux.
+
+With auth on, every route needs a token unless it is declared ``public``; each endpoint then
+checks what the token grants (docs/auth.md, "What each route needs").
+"""
 
 from __future__ import annotations
 
@@ -18,12 +22,14 @@ ROUTES = [
         "/v1/channels/{channel}/events",
         sse.channel_events,
         "Server-sent events of one channel, resumable with Last-Event-ID or after=",
+        token_in_query=True,
     ),
     Route(
         "GET",
         "/v1/events",
         sse.multi_events,
         "Server-sent events of several channels: ?channel=a&channel=b",
+        token_in_query=True,
     ),
     Route(
         "GET",
@@ -49,6 +55,7 @@ ROUTES = [
         "/v1/jobs/{job}/events",
         jobs.job_events,
         "Server-sent events of the job's progress and final state, resumable by version",
+        token_in_query=True,
     ),
     Route(
         "DELETE",
@@ -71,19 +78,32 @@ ROUTES = [
         jobs.fail,
         "Workers: give up on an attempt (retried until max_attempts) or on the job",
     ),
-    Route("GET", "/healthz", meta.healthz, "Liveness: the process answers"),
-    Route("GET", "/readyz", meta.readyz, "Readiness: the store answers"),
-    Route("GET", "/openapi.json", meta.openapi, "This API as an OpenAPI 3.1 document"),
-    Route("GET", "/docs", meta.docs, "The OpenAPI document (HTML for browsers)"),
-    Route("GET", "/problems/{slug}", meta.problem_type, "What a problem type means"),
+    Route("GET", "/healthz", meta.healthz, "Liveness: the process answers", public=True),
+    Route("GET", "/readyz", meta.readyz, "Readiness: the store answers", public=True),
+    Route(
+        "GET",
+        "/openapi.json",
+        meta.openapi,
+        "This API as an OpenAPI 3.1 document",
+        public=True,
+    ),
+    Route("GET", "/docs", meta.docs, "The OpenAPI document (HTML for browsers)", public=True),
+    Route("GET", "/problems/{slug}", meta.problem_type, "What a problem type means", public=True),
     # WebSocket handshakes are routed like requests, under the pseudo-method WEBSOCKET.
     Route(
         "WEBSOCKET",
         "/v1/channels/{channel}/ws",
         websocket.channel_socket,
         "Messages of one channel, one JSON text frame each",
+        token_in_query=True,
     ),
-    Route("WEBSOCKET", "/v1/ws", websocket.mux_socket, "The multiplexed protocol"),
+    Route(
+        "WEBSOCKET",
+        "/v1/ws",
+        websocket.mux_socket,
+        "The multiplexed protocol",
+        token_in_query=True,
+    ),
 ]
 
 MUX = ServeMux(ROUTES)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
+import re
 import signal
 import socket
 import sys
@@ -14,6 +15,7 @@ import uvicorn
 
 from ..store import shown_url
 from .app import BackchannelApp
+from .auth import exposure_error, is_loopback
 from .config import Settings
 from .tcp import TcpServer
 
@@ -51,6 +53,7 @@ class _Server(uvicorn.Server):
                 self._app.hub,
                 max_message_bytes=settings.max_message_bytes,
                 max_subscriptions=settings.max_subscriptions,
+                auth=self._app.auth,
             )
             await self._tcp.start(self._tcp_socket)
         self._on_ready()
@@ -69,6 +72,19 @@ class _Server(uvicorn.Server):
         await super().shutdown(sockets)
         if self._tcp is not None:
             await self._tcp.wait_closed()
+
+
+_TOKEN_PARAM = re.compile(r"(?<=[?&]token=)[^&\s]*")
+
+
+def _redact_tokens(record: logging.LogRecord) -> bool:
+    """Keep ``?token=`` values out of uvicorn's access log (it logs the path with its query)."""
+    if isinstance(record.args, tuple):
+        record.args = tuple(
+            _TOKEN_PARAM.sub("REDACTED", a) if isinstance(a, str) and "token=" in a else a
+            for a in record.args
+        )
+    return True
 
 
 def bind(host: str, port: int, *, reuse_port: bool = False, listen: bool = True) -> socket.socket:
@@ -114,6 +130,13 @@ def banner(settings: Settings, port: int, tcp_port: int | None) -> str:
 def serve(settings: Settings) -> None:
     configure_logging(settings)
     app = make_app(settings)
+    # Before binding: a hub that must not start never listens, not even for a moment.
+    refusal = exposure_error(settings, app.auth.enabled)
+    if refusal is not None:
+        raise SystemExit(f"backchannel: {refusal}")
+    if not app.auth.enabled and not is_loopback(settings.host):
+        log.warning("serving on %s without authentication (--insecure)", settings.host)
+    log.info("%s", app.auth.describe())
     if settings.workers > 1:
         from .workers import supervise
 
@@ -155,6 +178,8 @@ def run_server(
         server_header=False,
         date_header=True,
     )
+    # After uvicorn's Config, which sets up its loggers.
+    logging.getLogger("uvicorn.access").addFilter(_redact_tokens)
     server = _Server(config, app, on_ready, tcp_socket)
     # uvicorn re-raises the signal that stopped it once shutdown is done, with the handler that
     # was in place before it started; a no-op handler makes a graceful SIGTERM exit with 0.

@@ -11,8 +11,10 @@ from collections.abc import Callable
 
 from ..core.channels import validate_channel
 from ..core.fanout import Sink, Subscription
+from ..core.grants import Action
 from ..core.hub import Hub
 from ..core.messages import Appended, Message
+from .auth import Identity, require, unauthorized
 from .problems import HTTPProblem
 
 
@@ -25,7 +27,11 @@ class Session:
         *,
         transport: str,
         max_subscriptions: int,
+        identity: Identity | None,
     ) -> None:
+        #: Who the connection acts for; None until a TCP connection has sent AUTH to a hub
+        #: with auth on.
+        self.identity = identity
         self.hub = hub
         self.sink = sink
         self.encode = encode
@@ -33,10 +39,21 @@ class Session:
         self.max_subscriptions = max_subscriptions
         self.subscriptions: dict[str, Subscription] = {}
 
+    def authorize(self, action: Action, channel: str) -> None:
+        """Raise the problem a command gets when the connection's token does not allow it."""
+        identity = self.identity
+        if identity is None:
+            raise unauthorized("token-required", "the hub requires a token: send AUTH first")
+        # The connection is closed when its token expires; this covers the moment before.
+        if identity.expires is not None and self.hub.now_ms() >= identity.expires * 1000:
+            raise unauthorized("token-expired", "the connection's token has expired")
+        require(identity, action, channel)
+
     def subscribe(self, channel: str, after: int | None, acknowledge: Callable[[], None]) -> None:
         """Subscribe to ``channel``; ``acknowledge`` queues the answer, before the subscription
         can queue any message."""
         validate_channel(channel)
+        self.authorize(Action.SUBSCRIBE, channel)
         if channel in self.subscriptions:
             raise HTTPProblem("already-subscribed", f"already subscribed to {channel}")
         if len(self.subscriptions) >= self.max_subscriptions:
@@ -59,6 +76,8 @@ class Session:
     async def publish(
         self, channel: str, data: bytes, content_type: str | None, idempotency_key: str | None
     ) -> Appended:
+        validate_channel(channel)
+        self.authorize(Action.PUBLISH, channel)
         if len(data) > self.hub.limits.max_message_bytes:
             raise HTTPProblem(
                 "message-too-large",

@@ -17,19 +17,39 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+import orjson
+
 from ..core.channels import validate_channel
 from ..core.fanout import CloseReason, Subscription
+from ..core.grants import Action
 from ..core.messages import Message
 from ..wire import InvalidCursor, parse_id
-from ..wire.sse import CONTENT_TYPE, encode_comment, encode_retry
+from ..wire.sse import CONTENT_TYPE, encode_comment, encode_event, encode_retry
 from .asgi import Receive, Send
+from .auth import require
 from .fastpath import DetachedStream, direct_transport, take_over
 from .http import Request
-from .problems import HTTPProblem
+from .problems import PROBLEM_TYPES, HTTPProblem
 
 log = logging.getLogger("backchannel.sse")
 
 HEARTBEAT = encode_comment("heartbeat")
+
+
+def _expired_event() -> bytes:
+    problem = PROBLEM_TYPES["token-expired"]
+    document = {
+        "type": problem.uri,
+        "title": problem.title,
+        "status": problem.status,
+        "detail": "the token expired: reconnect with a new token; Last-Event-ID or after= "
+        "resumes after the last message",
+    }
+    return encode_event(orjson.dumps(document).decode(), event="token-expired")
+
+
+#: The last event of a stream whose token expired (docs/sse.md, "Authentication").
+TOKEN_EXPIRED_EVENT = _expired_event()
 #: Channels one stream may carry: within the 50 query parameters a request may have, with
 #: room for ``after``.
 MAX_STREAM_CHANNELS = 48
@@ -185,6 +205,8 @@ class StreamSink:
             tail = b"".join(self._chunks)
             if reason is CloseReason.SHUTTING_DOWN:
                 tail += encode_retry(self.retry_ms)
+            elif reason is CloseReason.TOKEN_EXPIRED:
+                tail += TOKEN_EXPIRED_EVENT
             if tail:
                 transport.write(b"%x\r\n%s\r\n" % (len(tail), tail))
             transport.write(b"0\r\n\r\n")
@@ -227,6 +249,8 @@ class StreamSink:
         tail = b"".join(self._chunks)
         if self.close_reason is CloseReason.SHUTTING_DOWN:
             tail += encode_retry(self.retry_ms)  # tells the browser when to come back
+        elif self.close_reason is CloseReason.TOKEN_EXPIRED:
+            tail += TOKEN_EXPIRED_EVENT
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(TAIL_TIMEOUT):
                 if tail:
@@ -326,9 +350,12 @@ async def _stream(request: Request, subscribe: Callable[[StreamSink], list[Subsc
     sink = StreamSink(request.send, int(settings.sse_retry * 1000))
     subscriptions = subscribe(sink)  # may raise: still early enough for a problem response
     request.streaming = True
+    expiry: asyncio.TimerHandle | None = None
     app.heartbeats.sinks.add(sink)
 
     def cleanup() -> None:
+        if expiry is not None:
+            expiry.cancel()
         app.heartbeats.sinks.discard(sink)
         for subscription in subscriptions:
             app.hub.unsubscribe(subscription)
@@ -340,6 +367,11 @@ async def _stream(request: Request, subscribe: Callable[[StreamSink], list[Subsc
             {"type": "http.response.body", "body": encode_retry(sink.retry_ms), "more_body": True}
         )
         sink.start(direct_transport(request.send) if settings.direct_writes else None)
+        left = request.seconds_left()
+        if left is not None:
+            expiry = asyncio.get_running_loop().call_later(
+                left, sink.close, CloseReason.TOKEN_EXPIRED
+            )
         if sink.close_reason is None:
             detached = sink.detach(cleanup)
         sink.flush()  # what a replay queued meanwhile
@@ -355,6 +387,7 @@ async def _stream(request: Request, subscribe: Callable[[StreamSink], list[Subsc
 async def channel_events(request: Request) -> None:
     hub = request.app.hub
     channel = validate_channel(request.params["channel"])
+    require(request.identity, Action.SUBSCRIBE, channel)
     query = request.query()
     last_event_id = request.header(b"last-event-id")
     after: int | None = None
@@ -398,6 +431,7 @@ async def multi_events(request: Request) -> None:
         )
     for channel in channels:
         validate_channel(channel)
+        require(request.identity, Action.SUBSCRIBE, channel)
     resume = request.header(b"last-event-id") or query.get("after")
     given = parse_positions(resume) if resume else {}
     # Every channel needs a position, so that the composite id can resume each of them: where

@@ -6,6 +6,11 @@ This is a thin adapter: :class:`TcpConnection` feeds received bytes to the sans-
 :class:`~backchannel.core.fanout.Sink`, writing straight to the transport. Flow control is the
 transport's: ``buffered()`` is what the kernel has not taken yet, and while too many publishes
 are in flight the connection stops reading.
+
+With auth on, a connection acts for nobody until its AUTH frame (protocol version 2) carries a
+token that verifies: commands before that are refused with ``token-required``, a token that
+does not verify closes the connection, and when the token expires the connection gets
+``ERROR`` ``token-expired`` and is closed.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from ..core.hub import Hub
 from ..core.messages import Message
 from ..wire import frames
 from ..wire.cursor import MAX_SEQ
+from .auth import ANONYMOUS, Authenticator
 from .problems import HTTPProblem, problem_for
 from .session import Session
 
@@ -50,7 +56,10 @@ class TcpConnection(asyncio.Protocol):
             tcp_frame,
             transport="tcp",
             max_subscriptions=server.max_subscriptions,
+            identity=None if server.auth.enabled else ANONYMOUS,
         )
+        self._authenticated = False
+        self._expiry: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
         self.close_reason: CloseReason | None = None
         self._out: list[bytes] = []
@@ -82,6 +91,8 @@ class TcpConnection(asyncio.Protocol):
         self.session.close()
         self.hub.detach(self)
         self.server.connections.discard(self)
+        if self._expiry is not None:
+            self._expiry.cancel()
         for task in self._publishing:
             task.cancel()
         self._writable.set()
@@ -149,10 +160,33 @@ class TcpConnection(asyncio.Protocol):
                     self._reading_paused = True
             elif isinstance(event, frames.Ping):
                 self._send(frames.Pong(request=request))
+            elif isinstance(event, frames.Auth):
+                self._auth(event)
         except HTTPProblem as problem:
             self._error(request, problem.type.slug, problem.detail)
         except BackchannelError as exc:
             self._error(request, problem_for(exc).type.slug, exc.detail)
+
+    def _auth(self, event: frames.Auth) -> None:
+        if self._authenticated:
+            raise HTTPProblem("invalid-command", "AUTH may be sent once per connection")
+        self._authenticated = True
+        auth = self.server.auth
+        try:
+            identity = auth.authenticate(event.token)
+        except HTTPProblem as problem:
+            # A token that does not verify ends the connection, as a refused upgrade would.
+            self._fail(problem.type.slug, problem.detail)
+            return
+        self.session.identity = identity
+        self._send(frames.Ok(request=event.request))
+        if identity.expires is not None:
+            left = max(0.0, identity.expires - auth.clock())
+            loop = asyncio.get_running_loop()
+            self._expiry = loop.call_later(left, self._expired)
+
+    def _expired(self) -> None:
+        self.close(CloseReason.TOKEN_EXPIRED)
 
     async def _publish(self, event: frames.Publish) -> None:
         try:
@@ -229,6 +263,10 @@ class TcpConnection(asyncio.Protocol):
             return
         if reason is CloseReason.SHUTTING_DOWN:
             self._fail_frame("shutting-down", "the hub is stopping; reconnect and resume")
+        elif reason is CloseReason.TOKEN_EXPIRED:
+            self._fail_frame(
+                "token-expired", "the token expired: reconnect with a new one and resume"
+            )
         self.flush()
         transport.close()
 
@@ -246,8 +284,16 @@ class TcpConnection(asyncio.Protocol):
 class TcpServer:
     """Listens for TCP connections and serves the binary protocol on them."""
 
-    def __init__(self, hub: Hub, *, max_message_bytes: int, max_subscriptions: int) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        *,
+        max_message_bytes: int,
+        max_subscriptions: int,
+        auth: Authenticator | None = None,
+    ) -> None:
         self.hub = hub
+        self.auth = auth or Authenticator(())
         # Room for a message of max_message_bytes plus the fields around it.
         self.max_frame = max(frames.DEFAULT_MAX_FRAME, max_message_bytes + 65_536)
         self.max_subscriptions = max_subscriptions

@@ -21,13 +21,16 @@ import orjson
 from ..core.channels import validate_channel
 from ..core.errors import BackchannelError, InvalidRequest, Unavailable
 from ..core.fanout import CloseReason
+from ..core.grants import Action
 from ..core.messages import Message
 from ..wire import InvalidCursor, parse_id
 from ..wire.jsonfmt import format_time
 from ..wire.ws import text_frame
 from .asgi import Send
+from .auth import require
 from .fastpath import direct_ws_transport
 from .http import Request
+from .problems import CONTENT_TYPE as PROBLEM_CONTENT_TYPE
 from .problems import PROBLEM_TYPES, HTTPProblem, problem_for
 from .session import Session
 
@@ -39,12 +42,15 @@ CLOSE_POLICY = 1008
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_BAD_REQUEST = 4000
 CLOSE_SLOW_CONSUMER = 4008
+CLOSE_TOKEN_EXPIRED = 4401
+CLOSE_FORBIDDEN = 4403
 
 CLOSE_CODES = {
     CloseReason.SHUTTING_DOWN: (CLOSE_GOING_AWAY, "the hub is shutting down"),
     CloseReason.SLOW_CONSUMER: (CLOSE_SLOW_CONSUMER, "slow consumer"),
     CloseReason.FAILED: (CLOSE_INTERNAL_ERROR, "internal error"),
     CloseReason.UNSUBSCRIBED: (CLOSE_NORMAL, ""),
+    CloseReason.TOKEN_EXPIRED: (CLOSE_TOKEN_EXPIRED, "token-expired: the token expired"),
 }
 #: Publishes one connection may have in flight before the hub stops reading its frames.
 MAX_IN_FLIGHT = 64
@@ -187,7 +193,8 @@ async def _receive_until_closed(request: Request, sink: SocketSink) -> None:
 
 
 async def _handshake(request: Request) -> bool:
-    """Take the connect event and check the origin. False: refused (and answered)."""
+    """Take the connect event, check the origin and the token. False: refused (and
+    answered)."""
     if (await request.receive())["type"] != "websocket.connect":
         return False
     origin = request.header(b"origin")
@@ -195,7 +202,39 @@ async def _handshake(request: Request) -> bool:
         log.info("refused a WebSocket from origin %r", origin[:100])
         await request.send({"type": "websocket.close", "code": CLOSE_POLICY})
         return False
+    try:
+        request.authenticate(token_in_query=True)
+    except HTTPProblem as problem:
+        await _refuse(request, problem)
+        return False
     return True
+
+
+async def _refuse(request: Request, problem: HTTPProblem) -> None:
+    """Refuse the upgrade with the problem as an HTTP response (401 with WWW-Authenticate),
+    where the server lets the app answer a handshake (ASGI's ``websocket.http.response``
+    extension: uvicorn has it); elsewhere with a bare 403."""
+    if "websocket.http.response" not in (request.scope.get("extensions") or {}):
+        await request.send({"type": "websocket.close", "code": CLOSE_POLICY})
+        return
+    body = problem.body(request.path)
+    headers = [
+        *problem.headers,
+        (b"content-type", PROBLEM_CONTENT_TYPE),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    await request.send(
+        {"type": "websocket.http.response.start", "status": problem.type.status, "headers": headers}
+    )
+    await request.send({"type": "websocket.http.response.body", "body": body})
+
+
+def _expire(request: Request, sink: SocketSink) -> asyncio.TimerHandle | None:
+    """Close the socket with 4401 when the caller's token expires."""
+    left = request.seconds_left()
+    if left is None:
+        return None
+    return asyncio.get_running_loop().call_later(left, sink.close, CloseReason.TOKEN_EXPIRED)
 
 
 async def _serve(sink: SocketSink, reader: Coroutine[Any, Any, None]) -> None:
@@ -225,6 +264,7 @@ async def channel_socket(request: Request) -> None:
         channel = validate_channel(request.params["channel"])
         after_text = request.query().get("after")
         after = parse_id(after_text) if after_text is not None else None
+        require(request.identity, Action.SUBSCRIBE, channel)
     except (InvalidRequest, InvalidCursor, HTTPProblem) as exc:
         await send({"type": "websocket.accept"})
         # The reason names the problem type first, as clients may branch on it.
@@ -236,7 +276,8 @@ async def channel_socket(request: Request) -> None:
             slug, detail = "invalid-cursor", str(exc)
         # A close reason has at most 123 bytes of UTF-8: cut by bytes, not characters.
         reason = f"{slug}: {detail}".encode()[:120].decode(errors="ignore")
-        await send({"type": "websocket.close", "code": CLOSE_BAD_REQUEST, "reason": reason})
+        code = CLOSE_FORBIDDEN if slug == "forbidden" else CLOSE_BAD_REQUEST
+        await send({"type": "websocket.close", "code": code, "reason": reason})
         return
     await send({"type": "websocket.accept"})
     sink = _sink(request)
@@ -246,9 +287,12 @@ async def channel_socket(request: Request) -> None:
     except Unavailable:
         await send({"type": "websocket.close", "code": CLOSE_GOING_AWAY})
         return
+    expiry = _expire(request, sink)
     try:
         await _serve(sink, _receive_until_closed(request, sink))
     finally:
+        if expiry is not None:
+            expiry.cancel()
         hub.unsubscribe(subscription)
 
 
@@ -270,6 +314,7 @@ class MuxSession:
             mux_ws_frame if sink.direct else mux_payload,
             transport="ws",
             max_subscriptions=request.app.settings.max_subscriptions,
+            identity=request.identity,
         )
         self.publishing: set[asyncio.Task[None]] = set()
         self.slots = asyncio.Semaphore(MAX_IN_FLIGHT)
@@ -433,8 +478,11 @@ async def mux_socket(request: Request) -> None:
         await request.send({"type": "websocket.close", "code": CLOSE_GOING_AWAY})
         return
     session = MuxSession(request, sink)
+    expiry = _expire(request, sink)
     try:
         await _serve(sink, session.read_commands())
     finally:
+        if expiry is not None:
+            expiry.cancel()
         session.close()
         hub.detach(sink)

@@ -1,4 +1,5 @@
-"""The TCP binary protocol, version 1: frames, their codec and the connection state machine.
+"""The TCP binary protocol, versions 1 and 2: frames, their codec and the connection state
+machine. Version 2 is version 1 plus the AUTH frame, which carries a bearer token.
 
 This module owns the byte layout of every frame (``docs/protocol.md``, "TCP binary protocol,
 version 1") and the rules of a connection: which side may send which frame in which state, and
@@ -61,6 +62,10 @@ Where the spec is silent or inconsistent, this module decides:
    closing between frames makes :meth:`~Connection.next_event` return CONNECTION_CLOSED.
    Once CLOSED, received data is discarded and ``next_event`` returns CONNECTION_CLOSED again,
    or raises again the RemoteProtocolError that closed the connection.
+10. AUTH exists from version 2 on: on a connection that negotiated version 1, sending it is a
+   LocalProtocolError and receiving it a RemoteProtocolError (``protocol-error``), as for an
+   unknown frame type. The codec does not limit how often it is sent: the server application
+   decides (the hub takes one per connection).
 
 Buffering: ``next_event`` is pull-based, so the caller decides how much is read from the
 socket. ``receive_data`` refuses (LocalProtocolError) to add to a buffer that already holds more
@@ -81,12 +86,14 @@ from dataclasses import dataclass
 from typing import Final, TypeAlias
 
 __all__ = [
+    "AUTH_VERSION",
     "CONNECTION_CLOSED",
     "DEFAULT_MAX_FRAME",
     "MAGIC",
     "NEED_DATA",
     "TRANSITIONS",
     "VERSIONS",
+    "Auth",
     "ClientFrame",
     "ClosingError",
     "Connection",
@@ -117,7 +124,9 @@ __all__ = [
 ]
 
 MAGIC: Final = b"BKCH"
-VERSIONS: Final[tuple[int, ...]] = (1,)
+VERSIONS: Final[tuple[int, ...]] = (1, 2)
+#: The first version with the AUTH frame.
+AUTH_VERSION: Final = 2
 DEFAULT_MAX_FRAME: Final = (1 << 20) + (64 << 10)
 _MAX_U32: Final = (1 << 32) - 1
 _MAX_STR: Final = (1 << 16) - 1
@@ -130,6 +139,7 @@ class FrameType(enum.IntEnum):
     UNSUBSCRIBE = 0x03
     PUBLISH = 0x04
     PING = 0x05
+    AUTH = 0x06
     WELCOME = 0x81
     OK = 0x82
     PUBLISHED = 0x83
@@ -227,6 +237,17 @@ class Ping:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Auth:
+    """AUTH (version 2): a bearer token for the rest of the connection; answered by OK."""
+
+    request: int
+    token: str
+
+    def __repr__(self) -> str:
+        return f"Auth(request={self.request!r}, token=<{len(self.token)} characters>)"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Welcome:
     """WELCOME: the version chosen, the server's frame limit and its name."""
 
@@ -272,7 +293,7 @@ class Error:
     detail: str
 
 
-ClientFrame: TypeAlias = Hello | Subscribe | Unsubscribe | Publish | Ping
+ClientFrame: TypeAlias = Hello | Subscribe | Unsubscribe | Publish | Ping | Auth
 ServerFrame: TypeAlias = Welcome | Ok | Published | Pong | Message | Error
 Frame: TypeAlias = ClientFrame | ServerFrame
 #: What :meth:`Connection.next_event` returns.
@@ -357,6 +378,8 @@ def encode(frame: Frame) -> bytes:
             )
         case Ping(request=request):
             return _frame(FrameType.PING, _request(request))
+        case Auth(request=request, token=token):
+            return _frame(FrameType.AUTH, _request(request), _str(token, "token"))
         case Welcome(version=version, max_frame=max_frame, server=server):
             _int(version, 8, "version")
             _int(max_frame, 32, "max_frame")
@@ -508,6 +531,13 @@ def _read_ping(body: memoryview) -> Ping:
     return Ping(request=_read_request(body))
 
 
+def _read_auth(body: memoryview) -> Auth:
+    request = _read_request(body)
+    token, offset = _read_str(body, 4)
+    _end(body, offset)
+    return Auth(request=request, token=token)
+
+
 def _read_welcome(body: memoryview) -> Welcome:
     version, max_frame, size = _WELCOME.unpack_from(body)
     _end(body, _WELCOME.size + size)
@@ -557,6 +587,7 @@ _READERS: dict[Role, dict[int, Callable[[memoryview], Frame]]] = {
         FrameType.UNSUBSCRIBE: _read_unsubscribe,
         FrameType.PUBLISH: _read_publish,
         FrameType.PING: _read_ping,
+        FrameType.AUTH: _read_auth,
     },
     Role.CLIENT: {
         FrameType.WELCOME: _read_welcome,
@@ -573,6 +604,7 @@ _NAMES: dict[type[object], str] = {
     Unsubscribe: "UNSUBSCRIBE",
     Publish: "PUBLISH",
     Ping: "PING",
+    Auth: "AUTH",
     Welcome: "WELCOME",
     Ok: "OK",
     Published: "PUBLISHED",
@@ -602,7 +634,10 @@ def _move(frame: Frame) -> _Move:
 TRANSITIONS: Final[dict[tuple[Role, State, _Move], State]] = {
     (Role.CLIENT, State.AWAITING_HELLO, Hello): State.AWAITING_WELCOME,
     (Role.SERVER, State.AWAITING_WELCOME, Welcome): State.OPEN,
-    **{(Role.CLIENT, State.OPEN, c): State.OPEN for c in (Subscribe, Unsubscribe, Publish, Ping)},
+    **{
+        (Role.CLIENT, State.OPEN, c): State.OPEN
+        for c in (Subscribe, Unsubscribe, Publish, Ping, Auth)
+    },
     **{(Role.SERVER, State.OPEN, c): State.OPEN for c in (Ok, Published, Pong, Message, Error)},
     # The server's last word, in any state: it may report why it closed (once, see send()).
     **{(Role.SERVER, s, ClosingError): State.CLOSED for s in State},
@@ -762,6 +797,8 @@ class Connection:
                 next_state = self._may_receive.get(move)
                 if next_state is None:
                     raise self._refuse(frame)
+                if move is Auth and (self._version or 0) < AUTH_VERSION:
+                    raise self._fail(f"AUTH needs version {AUTH_VERSION}; this is {self._version}")
                 if next_state is not self._state:
                     self._received(frame, next_state)
                 return frame
@@ -817,6 +854,10 @@ class Connection:
             )
         if move is ClosingError and self._said_goodbye:
             raise LocalProtocolError("the server already sent its ERROR with request 0")
+        if move is Auth and (self._version or 0) < AUTH_VERSION:
+            raise LocalProtocolError(
+                f"AUTH needs version {AUTH_VERSION}; the connection speaks {self._version}"
+            )
         if type(frame) is Hello:
             if not frame.versions or not set(frame.versions).issubset(self._versions):
                 raise LocalProtocolError(
