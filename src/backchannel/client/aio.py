@@ -19,7 +19,7 @@ from .errors import ClientError, HubUnreachable, ProtocolViolation
 from .jobs import AsyncJobHandle, Job
 from .models import Message, Page, Published
 from .resilience import BreakerState
-from .subscription import IDLE_PING, Keepalive, Resume, Spec, close_error
+from .subscription import IDLE_PING, Keepalive, Resume, Spec, close_error, next_event
 from .sync import _default_url, _json, tcp_error
 
 
@@ -317,7 +317,7 @@ class AsyncSubscription(AsyncIterator[Message]):
         keepalive = Keepalive()
 
         async def next_frame() -> f.Event:
-            while (event := codec.next_event()) is f.NEED_DATA:
+            while (event := next_event(codec)) is f.NEED_DATA:
                 try:
                     async with asyncio.timeout(IDLE_PING):
                         data = await reader.read(65536)

@@ -21,7 +21,7 @@ from .errors import ClientError, HubError, HubUnreachable, ProtocolViolation
 from .jobs import Job, JobHandle
 from .models import Message, Page, Published
 from .resilience import BreakerState
-from .subscription import IDLE_PING, Keepalive, Resume, Spec, close_error
+from .subscription import IDLE_PING, Keepalive, Resume, Spec, close_error, next_event
 
 
 class Client(BaseClient):
@@ -321,7 +321,7 @@ class Subscription(Iterator[Message]):
         keepalive = Keepalive()
 
         def next_frame() -> f.Event:
-            while (event := codec.next_event()) is f.NEED_DATA:
+            while (event := next_event(codec)) is f.NEED_DATA:
                 try:
                     data = sock.recv(65536)
                 except TimeoutError:
