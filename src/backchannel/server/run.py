@@ -49,6 +49,7 @@ class _Server(uvicorn.Server):
                 self._app.hub,
                 max_message_bytes=settings.max_message_bytes,
                 max_subscriptions=settings.max_subscriptions,
+                slow_consumer_grace=settings.slow_consumer_grace,
             )
             await self._tcp.start(self._tcp_socket)
         # Tests and scripts wait for this line; keep its shape.
