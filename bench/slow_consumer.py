@@ -1,6 +1,7 @@
 """Slow consumer: do the subscribers that read keep their throughput while one stops reading?
 
-One hub (``backchannel serve --store memory://``, TCP on) pinned to CPU 0; this script, the
+One hub (``backchannel serve``, SQLite in a fresh temporary folder unless ``--store`` says
+otherwise, TCP on) pinned to CPU 0; this script, the
 load generator, on CPU 1 (see ``push_vs_nchan.py``, whose subscribers and publisher it uses).
 Each round has two phases, on fresh channels, in the same hub process:
 
@@ -245,6 +246,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="ARG",
         help="extra argument for `backchannel serve`, e.g. --hub-arg=--max-outbound-bytes=65536",
     )
+    parser.add_argument(
+        "--store",
+        default="",
+        help="the hub's --store (empty: SQLite; memory:// keeps every message in the hub's "
+        "memory, which then dominates its RSS)",
+    )
     parser.add_argument("--tmp-dir", default=tempfile.gettempdir())
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     args = parser.parse_args(argv)
@@ -266,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     raise_file_limit(args.subscribers + FD_HEADROOM)
     os.sched_setaffinity(0, {CLIENT_CPU})
     results: list[Result] = []
-    server = HubServer(extra_args=args.hub_arg, tmp_root=args.tmp_dir, tcp=True)
+    server = HubServer(extra_args=args.hub_arg, tmp_root=args.tmp_dir, store=args.store, tcp=True)
     with server, asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         for number in range(1, args.repeat + 1):
             for name in ("without", "with"):
@@ -285,8 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         results[-1].problems.append(f"{len(logged)} error lines in the hub's log: {logged[0]}")
         results[-1].ok = False
     print(
-        f"\nbackchannel (memory store), hub on CPU {SERVER_CPU}, load generator on CPU "
-        f"{CLIENT_CPU}\n"
+        f"\nbackchannel (store: {args.store or 'SQLite'}), hub on CPU {SERVER_CPU}, load "
+        f"generator on CPU {CLIENT_CPU}\n"
     )
     print(report(results, args, peak))
     if args.json:
