@@ -198,7 +198,9 @@ async def publish_tcp(port: int, pub: Publisher, stop: asyncio.Event, gate: asyn
                     reader, writer = await asyncio.open_connection("127.0.0.1", port)
                     codec = f.Connection(f.Role.CLIENT)
                     writer.write(codec.send(f.Hello(versions=(1,))))
-                    assert isinstance(await next_event(), f.Welcome)
+                    welcome = await next_event()
+                    if not isinstance(welcome, f.Welcome):  # the hub died meanwhile
+                        raise ConnectionError(f"no WELCOME but {welcome}")
                 frame = f.Publish(
                     request=n + 1,
                     channel=CHANNEL,
