@@ -30,6 +30,7 @@ from types import FrameType, TracebackType
 from typing import IO
 
 READY_LINE = re.compile(rb"backchannel listening on http://([^ ]+):(\d+)")
+TCP_PART = re.compile(rb" and tcp://[^ ]+:(\d+)")
 STARTUP_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 
@@ -86,6 +87,8 @@ class HubProcess:
     cpu: int = 0
     tmp_root: str | None = None
     url: str = field(init=False, default="")
+    #: The TCP protocol's port, or 0 when the hub runs with ``--no-tcp``.
+    tcp_port: int = field(init=False, default=0)
     data_dir: Path = field(init=False)
     _tmp: tempfile.TemporaryDirectory[str] = field(init=False)
     _proc: subprocess.Popen[bytes] | None = field(init=False, default=None)
@@ -152,6 +155,7 @@ class HubProcess:
         if found is None:
             raise BenchError(f"the hub did not start; its log:\n{self._log_text()}")
         self.url = f"http://{found[0]}:{found[1]}"
+        self.tcp_port = int(found[2]) if found[2] else 0
         # Keep reading stdout so that the hub never blocks on a full pipe.
         self._drain = threading.Thread(
             target=_copy, args=(self._proc.stdout, self._log), daemon=True
@@ -189,10 +193,11 @@ class HubProcess:
 
 def _read_ready_line(
     proc: subprocess.Popen[bytes], log: IO[bytes], timeout: float
-) -> tuple[str, str] | None:
-    """Read the hub's stdout until the ready line, the hub's exit, or the timeout."""
+) -> tuple[str, str, str] | None:
+    """Read the hub's stdout until the ready line, the hub's exit, or the timeout: the HTTP
+    host and port, and the TCP port ("" without TCP)."""
     assert proc.stdout is not None
-    result: list[tuple[str, str]] = []
+    result: list[tuple[str, str, str]] = []
 
     def read() -> None:
         assert proc.stdout is not None
@@ -200,7 +205,14 @@ def _read_ready_line(
             log.write(line)
             match = READY_LINE.search(line)
             if match:
-                result.append((match.group(1).decode(), match.group(2).decode()))
+                tcp = TCP_PART.search(line, match.end())
+                result.append(
+                    (
+                        match.group(1).decode(),
+                        match.group(2).decode(),
+                        tcp.group(1).decode() if tcp else "",
+                    )
+                )
                 return
 
     reader = threading.Thread(target=read, daemon=True)

@@ -140,6 +140,7 @@ class Server:
     publish_ok: ClassVar[frozenset[int]]
     host: str = "127.0.0.1"
     port: int = 0
+    tcp_port: int = 0  # the hub's binary TCP protocol, when it serves it
 
     def pids(self) -> list[int]:
         raise NotImplementedError
@@ -337,14 +338,29 @@ http {{
 
 
 class HubServer(Server):
-    """``backchannel serve --store memory://`` (see :class:`hubproc.HubProcess`)."""
+    """``backchannel serve --store memory://`` (see :class:`hubproc.HubProcess`). Other scripts
+    may ask for another store (``store=""``: SQLite in the hub's data folder) and for TCP."""
 
     label = "backchannel"
     publish_ok = frozenset({201})
 
-    def __init__(self, *, extra_args: Sequence[str], tmp_root: str | None) -> None:
+    def __init__(
+        self,
+        *,
+        extra_args: Sequence[str],
+        tmp_root: str | None,
+        store: str = "memory://",
+        tcp: bool = False,
+    ) -> None:
+        store_args = ["--store", store] if store else []
         self.hub = HubProcess(
-            extra_args=["--store", "memory://", "--log-level", "warning", "--no-tcp", *extra_args],
+            extra_args=[
+                *store_args,
+                "--log-level",
+                "warning",
+                "--tcp" if tcp else "--no-tcp",
+                *extra_args,
+            ],
             cpu=SERVER_CPU,
             tmp_root=tmp_root,
         )
@@ -353,6 +369,7 @@ class HubServer(Server):
         self.hub.__enter__()
         host, port = self.hub.url.removeprefix("http://").rsplit(":", 1)
         self.host, self.port = host, int(port)
+        self.tcp_port = self.hub.tcp_port
         return self
 
     def __exit__(
@@ -819,6 +836,57 @@ class WSSubscriber(Subscriber):
         self.transport.write(bytes([0x80 | opcode, 0x80 | len(masked)]) + mask + masked)
 
 
+class TCPSubscriber(Subscriber):
+    """A client of the hub's binary TCP protocol: ``HELLO``, ``SUBSCRIBE``, then ``MESSAGE``
+    frames, read with the sans-I/O codec of ``backchannel.wire.frames``."""
+
+    def __init__(self, run: Run, channel: str, *, timed: bool, batch_bytes: int) -> None:
+        from backchannel.wire import frames
+
+        super().__init__(run, b"", timed=timed, batch_bytes=batch_bytes)
+        self._frames = frames
+        self._codec = frames.Connection(frames.Role.CLIENT)
+        self.request = self._codec.send(frames.Hello(versions=(1,))) + frames.encode(
+            frames.Subscribe(request=1, channel=channel, after=None)
+        )
+
+    def data_received(self, data: bytes) -> None:
+        now = time.time_ns()
+        frames = self._frames
+        codec = self._codec
+        try:
+            codec.receive_data(data)
+            count = 0
+            found: list[tuple[bytes, bytes]] = []
+            while (event := codec.next_event()) is not frames.NEED_DATA:
+                if isinstance(event, frames.Message):
+                    count += 1
+                    match = PAYLOAD_FIELDS.search(event.data)
+                    if match:
+                        found.append((match.group(1), match.group(2)))
+                elif isinstance(event, frames.Ok):
+                    self.status = 200
+                    self.run.ready += 1
+                    if self.batch_bytes and not self.run.released:
+                        self._set_low_water_mark(self.batch_bytes)
+                elif isinstance(event, frames.Error):
+                    self.fail(f"ERROR {event.type}: {event.detail}")
+                    return
+                elif event is frames.CONNECTION_CLOSED:
+                    break
+        except frames.ProtocolError as exc:
+            self.fail(str(exc))
+            return
+        if count:
+            self.deliver(count, found, now)
+
+    def check_head(self, status: int, headers: dict[bytes, bytes]) -> str | None:
+        raise NotImplementedError  # no HTTP here
+
+    def body_received(self, data: bytes, now: int) -> None:
+        raise NotImplementedError
+
+
 async def open_subscribers(
     server: Server,
     channel: str,
@@ -839,6 +907,11 @@ async def open_subscribers(
     path = server.subscribe_path(channel, transport)
     authority = f"{server.host}:{server.port}"
     kind = SSESubscriber if transport == "sse" else WSSubscriber
+    port = server.port
+    if transport == "tcp":
+        if not server.tcp_port:
+            raise BenchError(f"{server.label} serves no TCP protocol")
+        port = server.tcp_port
     probes = count if timed is None else min(timed, count)
     timed_indices = {k * count // probes for k in range(probes)} if probes else set()
     gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
@@ -848,10 +921,12 @@ async def open_subscribers(
         batch = 0 if is_timed else batch_bytes
 
         def factory() -> Subscriber:
+            if transport == "tcp":
+                return TCPSubscriber(run, channel, timed=is_timed, batch_bytes=batch)
             return kind(run, authority, path, timed=is_timed, batch_bytes=batch)
 
         async with gate:
-            _, protocol = await loop.create_connection(factory, server.host, server.port)
+            _, protocol = await loop.create_connection(factory, server.host, port)
             run.subscribers.append(protocol)
 
     try:

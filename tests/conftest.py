@@ -21,3 +21,12 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server = RedisServer(Path(tmp_path_factory.mktemp("redis"))).start()
     yield server
     server.stop()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--crash-rounds",
+        type=int,
+        default=3,
+        help="how many times tests/reliability/test_crash.py kills and restarts the hub (3)",
+    )

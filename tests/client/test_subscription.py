@@ -14,7 +14,8 @@ from backchannel.client import (
     RetryPolicy,
 )
 from backchannel.client.models import Message
-from backchannel.client.subscription import Keepalive, Resume, Spec, close_error
+from backchannel.client.subscription import Keepalive, Resume, Spec, close_error, next_event
+from backchannel.wire import frames as f
 
 
 def message(seq: int) -> Message:
@@ -52,6 +53,8 @@ def test_resume_skips_what_it_has_seen_and_gives_up_only_on_refusals() -> None:
     resume.start("0000000000000002")
     assert not resume.accept(message(2))
     assert resume.accept(message(3)) and resume.after() == 3
+    assert not resume.accept(message(3))
+    assert resume.duplicates == 2
     assert resume.failed(HubUnreachable("down")) == 0.1
     assert resume.failed(HubUnreachable("down")) == 0.2
     assert resume.accept(message(4)) and resume.failures == 0
@@ -88,3 +91,30 @@ def test_retry_and_breaker_options_do_not_change_a_shared_resilience() -> None:
     assert first.resilience.retry == RetryPolicy() == shared.retry
     assert second.resilience.retry.attempts == 1
     assert shared.breaker is not second.resilience.breaker
+
+
+def _welcomed_client() -> f.Connection:
+    client = f.Connection(f.Role.CLIENT)
+    server = f.Connection(f.Role.SERVER)
+    server.receive_data(client.send(f.Hello(versions=(1,))))
+    assert isinstance(server.next_event(), f.Hello)
+    client.receive_data(server.send(f.Welcome(version=1, max_frame=1 << 20, server="t")))
+    assert isinstance(next_event(client), f.Welcome)
+    return client
+
+
+def test_a_tcp_connection_cut_mid_frame_is_unreachable_not_a_violation() -> None:
+    # How a killed hub, or one that cut a slow consumer, leaves a connection: retried.
+    client = _welcomed_client()
+    client.receive_data(b"\x00\x00\x01\x00\x05partial")
+    assert next_event(client) is f.NEED_DATA
+    client.receive_data(b"")
+    with pytest.raises(HubUnreachable, match="middle of a frame"):
+        next_event(client)
+
+
+def test_a_malformed_frame_from_an_open_connection_is_still_a_violation() -> None:
+    client = _welcomed_client()
+    client.receive_data(b"\x00\x00\x00\x01\xee")  # an unknown frame type
+    with pytest.raises(f.RemoteProtocolError):
+        next_event(client)

@@ -42,6 +42,8 @@ def test_default_store_is_sqlite_in_the_data_dir() -> None:
         ({"BACKCHANNEL_MAX_LIMIT": "0"}, "max_limit"),
         ({"BACKCHANNEL_RETENTION_AGE": "nan"}, "retention_age"),
         ({"BACKCHANNEL_PORT": "70000"}, "port"),
+        ({"BACKCHANNEL_SLOW_CONSUMER_GRACE": "-1"}, "slow_consumer_grace"),
+        ({"BACKCHANNEL_SLOW_CONSUMER_GRACE": "86400"}, "slow_consumer_grace"),
     ],
 )
 def test_bad_values_name_the_setting(env: dict[str, str], message: str) -> None:

@@ -359,7 +359,9 @@ def test_eof_in_the_middle_of_a_frame() -> None:
     _, server = open_pair()
     server.receive_data(encode(Ping(request=1))[:-1])
     assert server.next_event() is NEED_DATA
+    assert not server.peer_closed
     server.receive_data(b"")
+    assert server.peer_closed
     with pytest.raises(RemoteProtocolError, match="middle of a frame"):
         server.next_event()
 

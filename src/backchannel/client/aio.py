@@ -27,6 +27,7 @@ from .subscription import (
     Resume,
     Spec,
     close_error,
+    next_event,
     refused_handshake,
     token_expired,
 )
@@ -343,7 +344,7 @@ class AsyncSubscription(AsyncIterator[Message]):
         keepalive = Keepalive()
 
         async def next_frame() -> f.Event:
-            while (event := codec.next_event()) is f.NEED_DATA:
+            while (event := next_event(codec)) is f.NEED_DATA:
                 try:
                     async with asyncio.timeout(IDLE_PING):
                         data = await reader.read(65536)

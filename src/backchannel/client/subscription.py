@@ -75,6 +75,18 @@ def token_expired(problem: dict[str, Any] | None = None) -> HubError:
     )
 
 
+def next_event(codec: f.Connection) -> f.Event:
+    """The TCP codec's next event, where a connection that ends in the middle of a frame is
+    :class:`HubUnreachable` (retried), not a protocol violation: that is how a hub that was
+    killed, or that cut a slow consumer, leaves the connection."""
+    try:
+        return codec.next_event()
+    except f.RemoteProtocolError as exc:
+        if codec.peer_closed:
+            raise HubUnreachable(f"the TCP connection broke: {exc}") from exc
+        raise
+
+
 class Keepalive:
     """Pings for a TCP subscription that has heard nothing for :data:`IDLE_PING` seconds."""
 
@@ -117,6 +129,8 @@ class Resume:
         self.cursor: int | None = None
         self.failures = 0  # in a row, since the last message
         self.reconnects = 0  # in all
+        #: Messages dropped because their id was not above the cursor (repeats).
+        self.duplicates = 0
         #: The reconnection delay the hub asked for (SSE ``retry:``), in seconds.
         self.server_retry: float | None = None
 
@@ -132,6 +146,7 @@ class Resume:
         """Is ``message`` new? If so it becomes the cursor."""
         assert self.cursor is not None
         if message.seq <= self.cursor:
+            self.duplicates += 1
             return False
         self.cursor = message.seq
         self.failures = 0

@@ -29,6 +29,7 @@ from .subscription import (
     Resume,
     Spec,
     close_error,
+    next_event,
     refused_handshake,
     token_expired,
 )
@@ -347,7 +348,7 @@ class Subscription(Iterator[Message]):
         keepalive = Keepalive()
 
         def next_frame() -> f.Event:
-            while (event := codec.next_event()) is f.NEED_DATA:
+            while (event := next_event(codec)) is f.NEED_DATA:
                 try:
                     data = sock.recv(65536)
                 except TimeoutError:

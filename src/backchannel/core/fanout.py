@@ -326,7 +326,11 @@ class FanOut:
         return bool(self.attached or self.channels)
 
     def count(self, channel: str) -> dict[str, int]:
+        """Open subscriptions of ``channel`` by transport. A connection that was cut (a slow
+        consumer given time to read its goodbye) gets nothing more and is not counted."""
         counts: dict[str, int] = {}
         for subscription in self.channels.get(channel, ()):
+            if subscription.sink.closed:
+                continue
             counts[subscription.transport] = counts.get(subscription.transport, 0) + 1
         return counts

@@ -72,6 +72,12 @@ class Settings:
         1_048_576,
         "bytes a push subscriber may fall behind before it is disconnected as a slow consumer",
     )
+    slow_consumer_grace: float = _setting(
+        5.0,
+        "seconds a push connection cut as a slow consumer has to read what the hub already "
+        "sent and then its goodbye (WebSocket close 4008, TCP slow-consumer error, end of the "
+        "event stream) before it is dropped (0: drop at once)",
+    )
     max_coalesce_delay: float = _setting(
         0.005,
         "seconds, at most, a busy hub holds pushed messages so that one write carries several "
@@ -202,6 +208,8 @@ class Settings:
         for name in ("port", "tcp_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"{name} must be between 0 and 65535")
+        if not 0 <= self.slow_consumer_grace <= 3600:
+            raise ValueError("slow_consumer_grace must be between 0 and 3600 seconds")
         if self.sse_retry < 0:
             raise ValueError("sse_retry must not be negative")
         if not 1 <= self.workers <= MAX_WORKERS:

@@ -54,6 +54,7 @@ class _Server(uvicorn.Server):
                 max_message_bytes=settings.max_message_bytes,
                 max_subscriptions=settings.max_subscriptions,
                 auth=self._app.auth,
+                slow_consumer_grace=settings.slow_consumer_grace,
             )
             await self._tcp.start(self._tcp_socket)
         self._on_ready()

@@ -86,12 +86,15 @@ class StreamSink:
         "_transport",
         "_wake",
         "close_reason",
+        "grace",
         "retry_ms",
         "wrote",
     )
 
-    def __init__(self, send: Send, retry_ms: int) -> None:
+    def __init__(self, send: Send, retry_ms: int, grace: float = 5.0) -> None:
         self._send = send
+        #: Seconds a slow consumer has to read what was sent, and the end of the stream.
+        self.grace = grace
         self._chunks: list[bytes] = []
         self._size = 0
         self._in_flight = 0
@@ -135,6 +138,8 @@ class StreamSink:
         self.close(CloseReason.UNSUBSCRIBED)
 
     def write(self, data: bytes) -> None:
+        if self.close_reason is not None:
+            return  # closing: the tail is decided in run()
         self._chunks.append(data)
         self._size += len(data)
 
@@ -183,7 +188,7 @@ class StreamSink:
             self._wake.set()
             self._drained.set()
         if reason is CloseReason.SLOW_CONSUMER and self._transport is not None:
-            self._transport.abort()  # its buffer is full: nothing more would get through
+            self._cut(self._transport)
         if self._detached is not None:
             self._end_detached(reason)
             return
@@ -200,7 +205,7 @@ class StreamSink:
         transport = self._transport
         assert transport is not None
         if reason is CloseReason.SLOW_CONSUMER:
-            log.warning("cut a slow SSE consumer")
+            log.warning("cut a slow SSE consumer")  # _cut ended the body
         elif reason is not CloseReason.UNSUBSCRIBED and not transport.is_closing():
             tail = b"".join(self._chunks)
             if reason is CloseReason.SHUTTING_DOWN:
@@ -217,6 +222,19 @@ class StreamSink:
         if on_closed is not None:
             # Not now: the engine may be walking the subscriptions this would remove.
             asyncio.get_running_loop().call_soon(on_closed)
+
+    def _cut(self, transport: asyncio.Transport) -> None:
+        """Cut a slow consumer of a direct stream: the end of the chunked body goes behind what
+        the transport already holds, so the client sees the response end once it has read
+        that; a client that has not read it all within the grace period is dropped."""
+        self._chunks.clear()
+        self._size = 0
+        if self.grace <= 0 or transport.is_closing():
+            transport.abort()
+            return
+        transport.write(b"0\r\n\r\n")
+        transport.close()
+        asyncio.get_running_loop().call_later(self.grace, transport.abort)
 
     @property
     def closed(self) -> bool:
@@ -241,23 +259,38 @@ class StreamSink:
                 raise  # cancelled from outside, not by close()
             task.uncancel()
         self._task = None
-        if self.close_reason is CloseReason.SLOW_CONSUMER:
-            await asyncio.sleep(0)  # let the server see the aborted connection before we return
-            return
+        if self.close_reason is CloseReason.SLOW_CONSUMER and self._transport is not None:
+            return  # _cut ended the body: see gone()
         if self.close_reason is CloseReason.UNSUBSCRIBED:
             return
-        tail = b"".join(self._chunks)
+        if self.close_reason is CloseReason.SLOW_CONSUMER:
+            # Only the end of the body, behind what the client has not read: it resumes from
+            # its last whole event. The grace bounds how long the hub waits for it.
+            tail, timeout = b"", self.grace
+        else:
+            tail, timeout = b"".join(self._chunks), TAIL_TIMEOUT
         if self.close_reason is CloseReason.SHUTTING_DOWN:
             tail += encode_retry(self.retry_ms)  # tells the browser when to come back
         elif self.close_reason is CloseReason.TOKEN_EXPIRED:
             tail += TOKEN_EXPIRED_EVENT
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(TAIL_TIMEOUT):
+            async with asyncio.timeout(timeout):
                 if tail:
                     await self._send(
                         {"type": "http.response.body", "body": tail, "more_body": True}
                     )
                 await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def gone(self, receive: Receive) -> None:
+        """After a direct stream was cut as a slow consumer, wait (at most the grace period)
+        until the server sees the connection gone, so that it does not take the response for
+        one the app left unfinished."""
+        if self.close_reason is not CloseReason.SLOW_CONSUMER or self._transport is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.grace + TAIL_TIMEOUT):
+                while (await receive())["type"] != "http.disconnect":
+                    pass
 
     async def _until_disconnected(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
@@ -280,7 +313,14 @@ class StreamSink:
             self._size = 0
             self._in_flight = len(data)
             self.wrote = True
-            await send({"type": "http.response.body", "body": data, "more_body": True})
+            try:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+            except asyncio.CancelledError:
+                # close() stopped a send stuck behind a client that does not read. uvicorn
+                # waits for its flow control before writing, so nothing of it went out: put it
+                # back, or a tail sent after it (at shutdown) would leave a gap.
+                self._chunks.insert(0, data)
+                raise
             self._in_flight = 0
             if not self._chunks:
                 self._drained.set()
@@ -347,7 +387,7 @@ async def _stream(request: Request, subscribe: Callable[[StreamSink], list[Subsc
     app = request.app
     settings = app.settings
     headers = stream_headers(request)
-    sink = StreamSink(request.send, int(settings.sse_retry * 1000))
+    sink = StreamSink(request.send, int(settings.sse_retry * 1000), settings.slow_consumer_grace)
     subscriptions = subscribe(sink)  # may raise: still early enough for a problem response
     request.streaming = True
     expiry: asyncio.TimerHandle | None = None
@@ -382,6 +422,7 @@ async def _stream(request: Request, subscribe: Callable[[StreamSink], list[Subsc
             cleanup()
     if not detached and sink.close_reason is CloseReason.SLOW_CONSUMER:
         log.warning("cut a slow SSE consumer of %s", request.path)
+        await sink.gone(request.receive)
 
 
 async def channel_events(request: Request) -> None:

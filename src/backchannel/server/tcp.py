@@ -68,6 +68,7 @@ class TcpConnection(asyncio.Protocol):
         self._writable.set()
         self._publishing: set[asyncio.Task[None]] = set()
         self._reading_paused = False
+        self._drop_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -96,6 +97,9 @@ class TcpConnection(asyncio.Protocol):
         for task in self._publishing:
             task.cancel()
         self._writable.set()
+        if self._drop_timer is not None:
+            self._drop_timer.cancel()
+            self._drop_timer = None
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -227,6 +231,8 @@ class TcpConnection(asyncio.Protocol):
     # -- Sink ---------------------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
+        if self.close_reason is not None:
+            return  # closing: what is queued is all the connection will get
         self._out.append(data)
         self._out_size += len(data)
 
@@ -256,10 +262,17 @@ class TcpConnection(asyncio.Protocol):
         if transport is None:
             return
         if reason is CloseReason.SLOW_CONSUMER:
-            # Its buffer is full; the ERROR frame goes out only if the client reads again soon.
+            # What the transport holds (about max_outbound_bytes) goes out, then the ERROR
+            # frame, if the client reads it all within the grace period; else it is dropped.
             self._out.clear()
+            self.session.close()  # it gets nothing more: stop counting it as a subscriber
+            grace = self.server.slow_consumer_grace
+            if grace <= 0:
+                transport.abort()
+                return
             self._fail_frame("slow-consumer", "fell more than max_outbound_bytes behind")
-            transport.abort()
+            transport.close()
+            self._drop_timer = asyncio.get_running_loop().call_later(grace, transport.abort)
             return
         if reason is CloseReason.SHUTTING_DOWN:
             self._fail_frame("shutting-down", "the hub is stopping; reconnect and resume")
@@ -291,9 +304,11 @@ class TcpServer:
         max_message_bytes: int,
         max_subscriptions: int,
         auth: Authenticator | None = None,
+        slow_consumer_grace: float = 5.0,
     ) -> None:
         self.hub = hub
         self.auth = auth or Authenticator(())
+        self.slow_consumer_grace = slow_consumer_grace
         # Room for a message of max_message_bytes plus the fields around it.
         self.max_frame = max(frames.DEFAULT_MAX_FRAME, max_message_bytes + 65_536)
         self.max_subscriptions = max_subscriptions

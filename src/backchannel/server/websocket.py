@@ -25,7 +25,7 @@ from ..core.grants import Action
 from ..core.messages import Message
 from ..wire import InvalidCursor, parse_id
 from ..wire.jsonfmt import format_time
-from ..wire.ws import text_frame
+from ..wire.ws import close_frame, text_frame
 from .asgi import Send
 from .auth import require
 from .fastpath import direct_ws_transport
@@ -83,9 +83,13 @@ class SocketSink:
     :attr:`~backchannel.core.messages.Message.ws_frame`), and :meth:`flush` writes them itself.
     """
 
-    def __init__(self, send: Send, transport: asyncio.Transport | None = None) -> None:
+    def __init__(
+        self, send: Send, transport: asyncio.Transport | None = None, *, grace: float = 5.0
+    ) -> None:
         self._send = send
         self._transport = transport
+        #: Seconds a slow consumer has to read what was sent, and its close frame.
+        self.grace = grace
         self._frames: list[bytes] = []
         self._size = 0
         self._in_flight = 0
@@ -100,6 +104,8 @@ class SocketSink:
 
     def write(self, data: bytes) -> None:
         """Queue a payload, or in a direct sink a whole frame."""
+        if self.close_reason is not None:
+            return  # closing: nothing more goes out
         self._frames.append(data)
         self._size += len(data)
 
@@ -140,9 +146,23 @@ class SocketSink:
             self._wake.set()
             self._drained.set()
             if reason is CloseReason.SLOW_CONSUMER and self._transport is not None:
-                self._transport.abort()  # its buffer is full: no close frame would get through
+                self._cut(self._transport)
             elif self._in_flight and self._task is not None:
                 self._task.cancel()  # stuck behind a client that does not read
+
+    def _cut(self, transport: asyncio.Transport) -> None:
+        """Cut a slow consumer of a direct sink: the close frame goes behind what the transport
+        already holds, and the connection closes once that is out, or is dropped when the
+        client has not read it all within the grace period."""
+        self._frames.clear()
+        self._size = 0
+        if self.grace <= 0 or transport.is_closing():
+            transport.abort()
+            return
+        code, text = CLOSE_CODES[CloseReason.SLOW_CONSUMER]
+        transport.write(close_frame(code, text))
+        transport.close()
+        asyncio.get_running_loop().call_later(self.grace, transport.abort)
 
     @property
     def closed(self) -> bool:
@@ -160,11 +180,13 @@ class SocketSink:
         if reason is None or reason is CloseReason.UNSUBSCRIBED:
             return  # the client closed: the server already answered its close frame
         if reason is CloseReason.SLOW_CONSUMER and self._transport is not None:
-            await asyncio.sleep(0)  # aborted: let the server see the connection go
+            await asyncio.sleep(0)  # closed or aborted by _cut: let the server see it
             return
         code, text = CLOSE_CODES[reason]
+        # A slow consumer's close frame waits behind what it has not read: give it the grace.
+        tail = self.grace if reason is CloseReason.SLOW_CONSUMER else TAIL_TIMEOUT
         with contextlib.suppress(TimeoutError, OSError, RuntimeError):
-            async with asyncio.timeout(TAIL_TIMEOUT):
+            async with asyncio.timeout(tail):
                 await self._send({"type": "websocket.close", "code": code, "reason": text})
 
     async def _send_until_closed(self) -> None:
@@ -298,8 +320,9 @@ async def channel_socket(request: Request) -> None:
 
 def _sink(request: Request) -> SocketSink:
     """A sink for an accepted WebSocket: direct when the server allows it."""
-    direct = direct_ws_transport(request.send) if request.app.settings.direct_writes else None
-    return SocketSink(request.send, direct)
+    settings = request.app.settings
+    direct = direct_ws_transport(request.send) if settings.direct_writes else None
+    return SocketSink(request.send, direct, grace=settings.slow_consumer_grace)
 
 
 class MuxSession:

@@ -725,6 +725,11 @@ class Connection:
         return self._peer_max_frame
 
     @property
+    def peer_closed(self) -> bool:
+        """Has the peer closed its side (``receive_data(b"")``)?"""
+        return self._eof
+
+    @property
     def buffered_bytes(self) -> int:
         """Bytes received that :meth:`next_event` has not consumed yet."""
         return len(self._buffer) - self._pos

@@ -3,7 +3,8 @@
 The ASGI server owns the WebSocket connection: the handshake, reading, pings, closing. This
 module only builds the unmasked, unfragmented text frames a server sends, so that a message's
 frame can be encoded once and written to every subscriber as it is (see
-``backchannel.server.fastpath``).
+``backchannel.server.fastpath``), and the close frame written behind them when a slow consumer
+is cut.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from __future__ import annotations
 import struct
 
 _OP_TEXT_FINAL = 0x81
+_OP_CLOSE_FINAL = 0x88
+#: A control frame's payload is at most 125 bytes: the code (2) and up to 123 of reason.
+MAX_CLOSE_REASON = 123
 _U16 = struct.Struct("!BBH")
 _U64 = struct.Struct("!BBQ")
 
@@ -31,3 +35,13 @@ def text_frame_header(length: int) -> bytes:
 def text_frame(payload: bytes) -> bytes:
     """A whole server text frame carrying ``payload`` (UTF-8 text)."""
     return text_frame_header(len(payload)) + payload
+
+
+def close_frame(code: int, reason: str = "") -> bytes:
+    """A server close frame with ``code`` and ``reason`` (cut to 123 bytes of UTF-8, on a
+    character boundary)."""
+    if not 1000 <= code <= 4999:
+        raise ValueError(f"{code} is not a close code that may be sent")
+    text = reason.encode()[:MAX_CLOSE_REASON].decode(errors="ignore").encode()
+    payload = code.to_bytes(2, "big") + text
+    return bytes((_OP_CLOSE_FINAL, len(payload))) + payload
