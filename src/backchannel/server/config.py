@@ -86,6 +86,19 @@ class Settings:
         "under uvicorn, write pushed SSE chunks and WebSocket frames straight to the "
         "connection instead of through ASGI send (same bytes, less CPU per message)",
     )
+    header_timeout: float = _setting(
+        10.0,
+        "seconds a client has to send a request's line and headers (a TCP client: its HELLO) "
+        "before the hub answers 408 and closes",
+    )
+    max_header_bytes: int = _setting(
+        16_384, "bytes of request target and header lines a request may have (431 above)"
+    )
+    max_connections: int = _setting(
+        0,
+        "open connections of every transport at once; past it new ones get 503 (TCP: an "
+        "ERROR frame). 0: the open file limit less 128",
+    )
     tcp: bool = _setting(True, "serve the raw TCP protocol")
     tcp_port: int = _setting(7000, "TCP port for the binary protocol (0 picks a free one)")
     log_level: str = _setting("info", "log level", choices=LOG_LEVELS)
@@ -132,6 +145,8 @@ class Settings:
             "job_lease",
             "job_max_lease",
             "job_retention",
+            "header_timeout",
+            "max_header_bytes",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -155,6 +170,8 @@ class Settings:
         for name in ("port", "tcp_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"{name} must be between 0 and 65535")
+        if self.max_connections < 0:
+            raise ValueError("max_connections must not be negative (0 derives it)")
         if self.sse_retry < 0:
             raise ValueError("sse_retry must not be negative")
 

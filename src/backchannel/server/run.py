@@ -8,11 +8,13 @@ import logging
 import signal
 import socket
 import sys
+from typing import Any
 
 import uvicorn
 
 from .app import BackchannelApp
 from .config import Settings
+from .limits import ConnectionLimit, derived_max_connections, raise_file_limit
 from .tcp import TcpServer
 
 log = logging.getLogger("backchannel")
@@ -32,12 +34,17 @@ class _Server(uvicorn.Server):
         app: BackchannelApp,
         banner: str,
         tcp_socket: socket.socket | None,
+        limit: ConnectionLimit,
     ) -> None:
         super().__init__(config)
         self._app = app
         self._banner = banner
         self._tcp_socket = tcp_socket
         self._tcp: TcpServer | None = None
+        self._limit = limit
+        # uvicorn's set of open HTTP and WebSocket connections (an upgraded connection moves
+        # from its HTTP protocol to its WebSocket one), counted with the TCP server's own.
+        limit.track(self.server_state.connections)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -49,6 +56,8 @@ class _Server(uvicorn.Server):
                 self._app.hub,
                 max_message_bytes=settings.max_message_bytes,
                 max_subscriptions=settings.max_subscriptions,
+                hello_timeout=settings.header_timeout,
+                limit=self._limit,
             )
             await self._tcp.start(self._tcp_socket)
         # Tests and scripts wait for this line; keep its shape.
@@ -101,12 +110,26 @@ def serve(settings: Settings) -> None:
         tcp_socket = _bind(settings.host, settings.tcp_port)
         banner += f" and tcp://{shown_host}:{tcp_socket.getsockname()[1]}"
     banner += f" (store: {settings.store_url})"
+    limit = ConnectionLimit(settings.max_connections or derived_max_connections(raise_file_limit()))
+    http: Any = "h11"
+    if importlib.util.find_spec("httptools"):
+        from .protocol import http_protocol
+
+        http = http_protocol(settings, limit)
+    else:  # pragma: no cover - httptools is a dependency on CPython
+        log.warning(
+            "httptools is missing: header_timeout, max_header_bytes and max_connections "
+            "do not apply to HTTP"
+        )
     config = uvicorn.Config(
         app,
         lifespan="on",
         log_level=settings.log_level,
         access_log=settings.access_log,
-        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        http=http,
+        # wsproto answers a Close frame that arrives inside a fragmented message with a normal
+        # close; websockets fails the connection with 1002 (Autobahn case 7.1.5).
+        ws="wsproto",
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         # A publish over /v1/ws carries the body as JSON or base64: room for that, no more.
@@ -115,7 +138,7 @@ def serve(settings: Settings) -> None:
         server_header=False,
         date_header=True,
     )
-    server = _Server(config, app, banner, tcp_socket)
+    server = _Server(config, app, banner, tcp_socket, limit)
     # uvicorn re-raises the signal that stopped it once shutdown is done, with the handler that
     # was in place before it started; a no-op handler makes a graceful SIGTERM exit with 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)

@@ -23,6 +23,7 @@ from ..core.hub import Hub
 from ..core.messages import Message
 from ..wire import frames
 from ..wire.cursor import MAX_SEQ
+from .limits import ConnectionLimit
 from .problems import HTTPProblem, problem_for
 from .session import Session
 
@@ -33,6 +34,8 @@ SERVER_NAME = f"backchannel/{__version__}"
 MAX_IN_FLIGHT = 64
 #: Connections the kernel queues before the hub accepts them (create_server listens again).
 LISTEN_BACKLOG = 2048
+#: How long a refused connection is kept open for its ERROR frame to be read.
+REFUSED_LINGER = 1.0
 
 
 def tcp_frame(message: Message) -> bytes:
@@ -59,6 +62,7 @@ class TcpConnection(asyncio.Protocol):
         self._writable.set()
         self._publishing: set[asyncio.Task[None]] = set()
         self._reading_paused = False
+        self._hello_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -75,8 +79,22 @@ class TcpConnection(asyncio.Protocol):
             self.close(CloseReason.SHUTTING_DOWN)
             return
         self.server.connections.add(self)
+        self._hello_timer = asyncio.get_running_loop().call_later(
+            self.server.hello_timeout, self._hello_timed_out
+        )
+
+    def _hello_timed_out(self) -> None:
+        self._hello_timer = None
+        if self.close_reason is None and self.codec.state is frames.State.AWAITING_HELLO:
+            self._fail(
+                "request-timeout",
+                f"no HELLO within {self.server.hello_timeout:g} s (header_timeout)",
+            )
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
         if self.close_reason is None:
             self.close_reason = CloseReason.UNSUBSCRIBED
         self.session.close()
@@ -122,6 +140,9 @@ class TcpConnection(asyncio.Protocol):
 
     def _handle(self, event: frames.Event) -> None:
         if isinstance(event, frames.Hello):
+            if self._hello_timer is not None:
+                self._hello_timer.cancel()
+                self._hello_timer = None
             assert self.codec.version is not None
             self._send(
                 frames.Welcome(
@@ -243,22 +264,68 @@ class TcpConnection(asyncio.Protocol):
         return self.close_reason is not None
 
 
+class RefusedConnection(asyncio.Protocol):
+    """A connection past ``max_connections``: it gets one ERROR frame (``too-many-connections``,
+    request 0) and our end of the stream. What the client sends meanwhile is read and dropped,
+    so that closing does not reset the connection before the client has read the frame."""
+
+    def __init__(self, limit: int) -> None:
+        codec = frames.Connection(frames.Role.SERVER)
+        self.frame = codec.send(
+            frames.Error(
+                request=0,
+                type="too-many-connections",
+                detail=f"the hub has {limit} connections open (max_connections); retry later",
+            )
+        )
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)
+        transport.write(self.frame)
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._timer = asyncio.get_running_loop().call_later(REFUSED_LINGER, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
 class TcpServer:
     """Listens for TCP connections and serves the binary protocol on them."""
 
-    def __init__(self, hub: Hub, *, max_message_bytes: int, max_subscriptions: int) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        *,
+        max_message_bytes: int,
+        max_subscriptions: int,
+        hello_timeout: float = 10.0,
+        limit: ConnectionLimit | None = None,
+    ) -> None:
         self.hub = hub
         # Room for a message of max_message_bytes plus the fields around it.
         self.max_frame = max(frames.DEFAULT_MAX_FRAME, max_message_bytes + 65_536)
         self.max_subscriptions = max_subscriptions
+        self.hello_timeout = hello_timeout
         self.connections: set[TcpConnection] = set()
+        self.limit = limit
+        if limit is not None:
+            limit.track(self.connections)
         self._server: asyncio.Server | None = None
+
+    def _accept(self) -> asyncio.Protocol:
+        if self.limit is not None and self.limit.full(pending=1):
+            return RefusedConnection(self.limit.limit)
+        return TcpConnection(self)
 
     async def start(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: TcpConnection(self), sock=sock, backlog=LISTEN_BACKLOG
-        )
+        self._server = await loop.create_server(self._accept, sock=sock, backlog=LISTEN_BACKLOG)
 
     def stop_accepting(self) -> None:
         if self._server is not None:
