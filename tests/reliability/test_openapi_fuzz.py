@@ -37,9 +37,7 @@ def test_the_api_conforms_to_its_openapi_document(
         "--no-tcp", "--max-wait", "0.5", "--job-lease", "2", "--job-max-lease", "5"
     ).start()
     with hub.client() as client:
-        jobs = [
-            client.post("/v1/queues/fuzz/jobs", json={"n": n}).json()["id"] for n in range(2)
-        ]
+        jobs = [client.post("/v1/queues/fuzz/jobs", json={"n": n}).json()["id"] for n in range(2)]
     # Jobs that exist, so that the job operations get past 404 half of the time.
     config = tmp_path / "schemathesis.toml"
     config.write_text(

@@ -10,6 +10,7 @@ and refuses the ones past it with an answer the client understands (a ``503`` pr
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sized
 
@@ -20,6 +21,9 @@ log = logging.getLogger("backchannel")
 HEADROOM = 128
 #: The fewest connections a derived ``max_connections`` allows, whatever the file limit.
 MIN_CONNECTIONS = 16
+#: How long a refused connection stays open after its answer, reading and dropping what the
+#: client sends, so that closing does not reset the connection before the answer is read.
+REFUSED_LINGER = 1.0
 
 try:
     import resource
@@ -56,13 +60,20 @@ class ConnectionLimit:
 
     Each transport registers the collection that holds its open connections (uvicorn's set of
     HTTP and WebSocket protocols, the TCP server's set); a new connection asks :meth:`full`
-    once it is in its own collection.
+    once it is in its own collection (or with ``pending=1`` before).
+
+    A refused connection is answered at once and closed a moment later (see
+    :data:`REFUSED_LINGER`), which takes a descriptor from the headroom meanwhile; at most
+    :attr:`max_lingering` do at once, and past that a refused connection is reset without
+    an answer, so that a flood of connections cannot take the descriptors the store needs.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, *, max_lingering: int = HEADROOM // 2) -> None:
         self.limit = limit
+        self.max_lingering = max_lingering
         self._sources: list[Sized] = []
         self.refused = 0
+        self.lingering = 0
 
     def track(self, connections: Sized) -> None:
         self._sources.append(connections)
@@ -84,3 +95,40 @@ class ConnectionLimit:
                 self.refused,
             )
         return True
+
+    def linger(self) -> bool:
+        """May one more refused connection stay open for its answer to be read?"""
+        if self.lingering >= self.max_lingering:
+            return False
+        self.lingering += 1
+        return True
+
+    def lingered(self) -> None:
+        self.lingering -= 1
+
+
+class Refusal:
+    """One refused connection: its answer goes out at once, then the connection lingers for
+    :data:`REFUSED_LINGER` seconds (half-closed, dropping what it reads) and is closed. Past
+    :attr:`ConnectionLimit.max_lingering` it is reset instead. Call :meth:`done` from the
+    protocol's ``connection_lost``."""
+
+    def __init__(self, limit: ConnectionLimit, transport: asyncio.Transport, answer: bytes):
+        self._limit = limit
+        self._timer: asyncio.TimerHandle | None = None
+        self._lingering = limit.linger()
+        if not self._lingering:
+            transport.abort()
+            return
+        transport.write(answer)
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._timer = asyncio.get_running_loop().call_later(REFUSED_LINGER, transport.close)
+
+    def done(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._lingering:
+            self._lingering = False
+            self._limit.lingered()

@@ -11,8 +11,9 @@
   ``request-head-too-large``; a head that never ends is cut once the bytes received for it pass
   that limit plus one read.
 - **Connection limit.** Past ``max_connections`` open connections (see :mod:`.limits`) a new
-  connection is still read, and its request answered ``503`` ``too-many-connections`` with
-  ``Retry-After`` and ``Connection: close``, instead of reaching the app.
+  connection is answered at once, before it sends anything, ``503`` ``too-many-connections``
+  with ``Retry-After`` and ``Connection: close``, and closed a moment later; its request, if
+  any, is never parsed.
 - **Malformed requests** get a ``400`` ``malformed-request`` problem document naming the
   parser's complaint, instead of uvicorn's plain-text line.
 
@@ -27,10 +28,8 @@ from typing import Any
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from .asgi import Receive, Scope, Send
 from .config import Settings
-from .http import problem_response
-from .limits import ConnectionLimit
+from .limits import ConnectionLimit, Refusal
 from .problems import CONTENT_TYPE, HTTPProblem
 
 #: A head that is still incomplete after this many bytes past ``max_header_bytes`` is cut
@@ -55,7 +54,7 @@ class HubHttpProtocol(HttpToolsProtocol):
         self._in_head = True
         self._head_bytes = 0  # request target and header lines, as parsed
         self._head_received = 0  # bytes received while the head was incomplete
-        self._refused = False
+        self._refusal: Refusal | None = None
 
     # -- the connection ------------------------------------------------------------------------
 
@@ -63,15 +62,25 @@ class HubHttpProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         limit = self.connection_limit
         if limit is not None and limit.full():
-            self._refused = True
-            self.app = _refusal(limit.limit)
+            problem = HTTPProblem(
+                "too-many-connections",
+                f"the hub has {limit.limit} connections open (max_connections); retry later",
+            )
+            self._refusal = Refusal(
+                limit, transport, self._problem_bytes(problem, [(b"retry-after", b"1")])
+            )
+            return
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        if self._refusal is not None:
+            self._refusal.done()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._refusal is not None:
+            return  # answered already: what it sends is dropped
         # uvicorn's own, but with problem documents for what the parser refuses.
         self._unset_keepalive_if_required()
         try:
@@ -96,13 +105,6 @@ class HubHttpProtocol(HttpToolsProtocol):
             self._head_received += len(data)
             if self._head_received > self.max_head_bytes + READ_SLACK:
                 self._head_too_large()
-
-    def _should_upgrade_to_ws(self) -> bool:
-        return not self._refused and super()._should_upgrade_to_ws()
-
-    def _unsupported_upgrade_warning(self) -> None:
-        if not self._refused:
-            super()._unsupported_upgrade_warning()
 
     # -- parser callbacks -----------------------------------------------------------------------
 
@@ -174,10 +176,16 @@ class HubHttpProtocol(HttpToolsProtocol):
         if cycle is not None and cycle.response_started and not cycle.response_complete:
             self.transport.close()  # the app's response is under way: no room for ours
             return
-        problem = HTTPProblem(slug, detail)
+        self.transport.write(self._problem_bytes(HTTPProblem(slug, detail)))
+        self.transport.close()
+
+    def _problem_bytes(
+        self, problem: HTTPProblem, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> bytes:
+        """A whole response carrying ``problem``, that closes the connection."""
         body = problem.body()
         head = [STATUS_LINE[problem.type.status]]
-        for name, value in self.server_state.default_headers:
+        for name, value in [*self.server_state.default_headers, *(headers or [])]:
             head += [name, b": ", value, b"\r\n"]
         head += [
             b"content-type: ",
@@ -187,23 +195,7 @@ class HubHttpProtocol(HttpToolsProtocol):
             b"\r\nconnection: close\r\n\r\n",
             body,
         ]
-        self.transport.write(b"".join(head))
-        self.transport.close()
-
-
-def _refusal(limit: int) -> Any:
-    """The ASGI app that answers every request of a connection past ``max_connections``."""
-    problem = HTTPProblem(
-        "too-many-connections",
-        f"the hub has {limit} connections open (max_connections); retry later",
-        headers=[(b"retry-after", b"1"), (b"connection", b"close")],
-    )
-
-    async def refuse(scope: Scope, receive: Receive, send: Send) -> None:
-        response = problem_response(problem, scope.get("path", ""))
-        await response.send(send, head=scope.get("method") == "HEAD")
-
-    return refuse
+        return b"".join(head)
 
 
 def http_protocol(settings: Settings, limit: ConnectionLimit | None) -> type[HubHttpProtocol]:

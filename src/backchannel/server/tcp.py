@@ -23,7 +23,7 @@ from ..core.hub import Hub
 from ..core.messages import Message
 from ..wire import frames
 from ..wire.cursor import MAX_SEQ
-from .limits import ConnectionLimit
+from .limits import ConnectionLimit, Refusal
 from .problems import HTTPProblem, problem_for
 from .session import Session
 
@@ -34,8 +34,6 @@ SERVER_NAME = f"backchannel/{__version__}"
 MAX_IN_FLIGHT = 64
 #: Connections the kernel queues before the hub accepts them (create_server listens again).
 LISTEN_BACKLOG = 2048
-#: How long a refused connection is kept open for its ERROR frame to be read.
-REFUSED_LINGER = 1.0
 
 
 def tcp_frame(message: Message) -> bytes:
@@ -265,34 +263,31 @@ class TcpConnection(asyncio.Protocol):
 
 
 class RefusedConnection(asyncio.Protocol):
-    """A connection past ``max_connections``: it gets one ERROR frame (``too-many-connections``,
-    request 0) and our end of the stream. What the client sends meanwhile is read and dropped,
-    so that closing does not reset the connection before the client has read the frame."""
+    """A connection past ``max_connections``: one ERROR frame (``too-many-connections``,
+    request 0), then the connection is closed (see :class:`~.limits.Refusal`)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: ConnectionLimit) -> None:
+        self.limit = limit
+        self.refusal: Refusal | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
         codec = frames.Connection(frames.Role.SERVER)
-        self.frame = codec.send(
+        frame = codec.send(
             frames.Error(
                 request=0,
                 type="too-many-connections",
-                detail=f"the hub has {limit} connections open (max_connections); retry later",
+                detail=f"the hub has {self.limit.limit} connections open (max_connections); "
+                "retry later",
             )
         )
-        self._timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport = cast(asyncio.Transport, transport)
-        transport.write(self.frame)
-        if transport.can_write_eof():
-            transport.write_eof()
-        self._timer = asyncio.get_running_loop().call_later(REFUSED_LINGER, transport.close)
+        self.refusal = Refusal(self.limit, cast(asyncio.Transport, transport), frame)
 
     def data_received(self, data: bytes) -> None:
         pass
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        if self.refusal is not None:
+            self.refusal.done()
 
 
 class TcpServer:
@@ -320,7 +315,7 @@ class TcpServer:
 
     def _accept(self) -> asyncio.Protocol:
         if self.limit is not None and self.limit.full(pending=1):
-            return RefusedConnection(self.limit.limit)
+            return RefusedConnection(self.limit)
         return TcpConnection(self)
 
     async def start(self, sock: socket.socket) -> None:
