@@ -21,7 +21,10 @@ START_TIMEOUT = 30.0
 
 
 class HubProcess:
-    """One hub process. ``start()`` returns once it prints that it listens."""
+    """One hub process. ``start()`` returns once it prints that it listens. ``wrapper`` is a
+    command the hub runs under (``("prlimit", "--nofile=256")``)."""
+
+    wrapper: tuple[str, ...] = ()
 
     def __init__(self, data_dir: Path, log_dir: Path, *args: str) -> None:
         self.data_dir = data_dir
@@ -38,6 +41,7 @@ class HubProcess:
         self.out_path = self.log_dir / f"{name}.out"
         self.err_path = self.log_dir / f"{name}.err"
         command = [
+            *self.wrapper,
             sys.executable,
             "-m",
             "backchannel",

@@ -1,4 +1,6 @@
 import base64
+import json
+from datetime import datetime, timedelta
 
 import orjson
 import pytest
@@ -129,3 +131,65 @@ def test_page_joins_encoded_messages() -> None:
     assert [m["data"] for m in page["messages"]] == ["a", "b"]
     assert page["next_after"] == "0000000000000002"
     assert orjson.loads(encode_page([], "0")) == {"messages": [], "next_after": "0"}
+
+
+CONTENT_TYPES = st.one_of(
+    st.sampled_from(
+        [
+            "application/json",
+            "application/problem+json; charset=utf-8",
+            "text/plain",
+            "text/plain; charset=latin1",
+            "application/x-www-form-urlencoded",
+            "application/octet-stream",
+            "image/png",
+        ]
+    ),
+    st.text(max_size=40),
+)
+BODIES = st.one_of(
+    st.binary(max_size=64),
+    json_values.map(orjson.dumps),
+    st.text(max_size=30).map(lambda s: s.encode("utf-8", "surrogatepass")),
+)
+
+
+@given(st.one_of(st.none(), st.text(max_size=60)))
+def test_content_types_normalize_or_are_refused(content_type: str | None) -> None:
+    try:
+        normalized = normalize_content_type(content_type)
+    except InvalidPayload as exc:
+        assert exc.kind == "unsupported-media-type"
+        return
+    assert normalized.strip() == normalized and normalized.count("/") >= 1
+    encoding_for(normalized)  # every stored content type has an encoding
+
+
+@given(CONTENT_TYPES, BODIES)
+def test_accepted_bodies_embed_as_json_that_gives_them_back(content_type: str, body: bytes) -> None:
+    """validate_payload accepts or refuses with a problem kind; what it accepts, encode_message
+    embeds in valid JSON from which the body comes back."""
+    try:
+        content_type = normalize_content_type(content_type)
+        encoding = validate_payload(content_type, body)
+    except InvalidPayload as exc:
+        assert exc.kind in {"unsupported-media-type", "malformed-json", "invalid-text"}
+        return
+    document = decode(content_type, body)
+    data = document["data"]  # type: ignore[index]
+    assert document["encoding"] == encoding.value  # type: ignore[index]
+    if encoding is Encoding.JSON:
+        assert data == json.loads(body)
+    elif encoding is Encoding.TEXT:
+        assert data == body.decode("utf-8")
+    else:
+        assert base64.b64decode(data) == body
+
+
+@given(st.integers(0, 253_402_300_799_999))  # to the last millisecond of year 9999
+def test_times_parse_back_to_the_same_millisecond(time_ms: int) -> None:
+    text = format_time(time_ms)
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    assert moment.tzinfo is not None and moment.utcoffset() == timedelta(0)
+    assert round(moment.timestamp() * 1000) == time_ms
+    assert len(text) == 24 and text.endswith("Z")

@@ -1,5 +1,5 @@
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from backchannel.core.messages import Message
@@ -113,3 +113,56 @@ def test_message_events_parse_back_to_the_message_json() -> None:
     events, _ = parse([pretty.sse])
     assert events[0].id == "000000000000002a"
     assert events[0].data == pretty.json.decode()  # a multi-line JSON body is split and rejoined
+
+
+SINGLE_LINE = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n\x00"),
+    max_size=12,
+)
+# What a stream is made of: events (with or without id and event name), comments, retry.
+PARTS = st.one_of(
+    st.builds(
+        lambda data, id, event: encode_event(data, id=id, event=event),
+        st.text(alphabet=UNICODE, max_size=40),
+        st.none() | SINGLE_LINE,
+        st.none() | SINGLE_LINE.filter(lambda s: s != ""),
+    ),
+    SINGLE_LINE.map(encode_comment),
+    st.integers(0, 10**6).map(encode_retry),
+)
+
+
+@given(st.lists(PARTS, max_size=8), st.data())
+def test_any_chunking_gives_the_same_events(parts: list[bytes], data: st.DataObject) -> None:
+    stream = b"".join(parts)
+    whole, whole_parser = parse([stream])
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    pieces, parser = parse(chunks)
+    assert pieces == whole
+    assert (parser.retry, parser.last_event_id) == (whole_parser.retry, whole_parser.last_event_id)
+    # Every encoded event comes out, nothing else.
+    assert len(whole) == sum(part.endswith(b"\n\n") and b"data:" in part for part in parts)
+
+
+@given(st.lists(st.binary(max_size=40), max_size=10))
+def test_arbitrary_bytes_parse_or_hit_the_limit(chunks: list[bytes]) -> None:
+    """Whatever a server sends, the parser only ever raises EventStreamTooLong."""
+    parser = EventParser(max_line_bytes=64)
+    for chunk in chunks:
+        try:
+            parser.receive_data(chunk)
+        except EventStreamTooLong:
+            return
+        for event in parser.events():
+            assert isinstance(event.data, str) and "\r" not in event.data
+
+
+@given(st.lists(st.sampled_from([b"\r\n", b"\n", b"\r"]), min_size=4, max_size=4))
+def test_every_line_ending_and_their_mix(endings: list[bytes]) -> None:
+    a, b, c, d = endings
+    assume(not (c == b"\r" and d.startswith(b"\n")))  # that is one CRLF, not two line ends
+    stream = b"id: 7" + a + b"data: x" + b + b"data: y" + c + d
+    for chunks in ([stream], [stream[i : i + 1] for i in range(len(stream))]):
+        events, _ = parse(chunks)
+        assert events == [Event("x\ny", "message", "7")]

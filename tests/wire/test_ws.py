@@ -1,52 +1,79 @@
-"""Server WebSocket frames, read back by an independent parser (the websockets library's)."""
+"""The server text frames of backchannel.wire.ws, read back by a real WebSocket peer (wsproto's
+client-side frame parser) and by RFC 6455's length rules."""
 
-from __future__ import annotations
-
-from collections.abc import Generator
+import struct
 
 import pytest
-from websockets.frames import Close, Frame, Opcode
-from websockets.streams import StreamReader
+from hypothesis import given
+from hypothesis import strategies as st
+from wsproto.frame_protocol import FrameProtocol, Opcode
 
-from backchannel.wire.ws import close_frame, text_frame
+from backchannel.wire.ws import text_frame, text_frame_header
 
-
-def parse(data: bytes) -> Frame:
-    reader = StreamReader()
-    reader.feed_data(data)
-    reader.feed_eof()
-    parser: Generator[None, None, Frame] = Frame.parse(
-        reader.read_exact, mask=False, max_size=None, extensions=[]
-    )
-    try:
-        next(parser)
-    except StopIteration as done:
-        frame: Frame = done.value
-        return frame
-    raise AssertionError("the frame was incomplete")
+# Lengths around the 7-bit, 16-bit and 64-bit forms, and anything in between.
+LENGTHS = st.one_of(
+    st.sampled_from([0, 1, 124, 125, 126, 127, 65_534, 65_535, 65_536, 65_537]),
+    st.integers(0, 70_000),
+)
+TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)))
 
 
-@pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536])
-def test_text_frames_of_every_length_form(size: int) -> None:
-    frame = parse(text_frame(b"x" * size))
-    assert (frame.opcode, frame.fin, len(frame.data)) == (Opcode.TEXT, True, size)
+MESSAGES = st.one_of(
+    LENGTHS.map(lambda n: "a" * n),
+    LENGTHS.map(lambda n: "\u00e9" * (n // 2)),  # two bytes each
+    TEXT,
+)
 
 
-def test_close_frame_carries_code_and_reason() -> None:
-    frame = parse(close_frame(4008, "slow consumer"))
-    assert frame.opcode is Opcode.CLOSE
-    assert Close.parse(frame.data) == Close(4008, "slow consumer")
+def client() -> FrameProtocol:
+    return FrameProtocol(client=True, extensions=[])
 
 
-def test_close_reason_is_cut_to_123_bytes_on_a_character_boundary() -> None:
-    frame = parse(close_frame(4000, "é" * 100))  # 200 bytes of UTF-8
-    close = Close.parse(frame.data)
-    assert close.reason == "é" * 61
-    assert len(frame.data) <= 125
+@given(MESSAGES)
+def test_a_peer_reads_one_whole_text_message(message: str) -> None:
+    peer = client()
+    peer.receive_bytes(text_frame(message.encode()))
+    frames = list(peer.received_frames())
+    # wsproto decodes text frames; it may hand a long one over in pieces.
+    assert {f.opcode for f in frames} <= {Opcode.TEXT, Opcode.CONTINUATION}
+    assert "".join(f.payload for f in frames) == message
+    assert frames[-1].message_finished
 
 
-def test_close_codes_outside_the_sendable_range_are_refused() -> None:
+@given(st.lists(TEXT, min_size=1, max_size=5), st.data())
+def test_frames_back_to_back_in_any_chunking(messages: list[str], data: st.DataObject) -> None:
+    stream = b"".join(text_frame(m.encode()) for m in messages)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6)))
+    peer = client()
+    got: list[str] = []
+    current = ""
+    for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+        peer.receive_bytes(stream[start:end])
+        for frame in peer.received_frames():
+            current += frame.payload
+            if frame.message_finished:
+                got.append(current)
+                current = ""
+    assert got == messages
+
+
+@given(st.integers(0, (1 << 63) - 1))
+def test_header_follows_rfc6455_lengths(length: int) -> None:
+    header = text_frame_header(length)
+    assert header[0] == 0x81  # FIN, text
+    assert header[1] & 0x80 == 0  # a server never masks
+    short = header[1]
+    if length < 126:
+        assert (len(header), short) == (2, length)
+    elif length < 1 << 16:
+        assert (len(header), short) == (4, 126)
+        assert struct.unpack("!H", header[2:])[0] == length
+    else:
+        assert (len(header), short) == (10, 127)
+        assert struct.unpack("!Q", header[2:])[0] == length
+
+
+@pytest.mark.parametrize("length", [-1, 1 << 63])
+def test_impossible_lengths_are_refused(length: int) -> None:
     with pytest.raises(ValueError):
-        close_frame(999)
-    with pytest.raises(ValueError):
-        close_frame(5000)
+        text_frame_header(length)

@@ -93,6 +93,9 @@ def _retention(value: Any) -> tuple[int | None, int | None]:
         raise HTTPProblem("invalid-retention", "retention takes max_count and max_age")
     max_count = value.get("max_count")
     max_age = value.get("max_age")
+    # JSON has one number type: 1000.0 is the whole number 1000, as JSON Schema's "integer" says.
+    if isinstance(max_count, float) and max_count.is_integer() and abs(max_count) < 2**53:
+        max_count = int(max_count)
     if max_count is not None and (not isinstance(max_count, int) or isinstance(max_count, bool)):
         raise HTTPProblem("invalid-retention", "max_count must be a whole number")
     if max_age is not None and (

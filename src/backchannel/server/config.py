@@ -103,6 +103,19 @@ class Settings:
         "connection instead of through ASGI send (same bytes, less CPU per message), and hand "
         "started event streams' connections to the fan-out engine (less memory per subscriber)",
     )
+    header_timeout: float = _setting(
+        10.0,
+        "seconds a client has to send a request's line and headers (a TCP client: its HELLO) "
+        "before the hub answers 408 and closes",
+    )
+    max_header_bytes: int = _setting(
+        16_384, "bytes of request target and header lines a request may have (431 above)"
+    )
+    max_connections: int = _setting(
+        0,
+        "open connections of every transport at once; past it new ones get 503 (TCP: an "
+        "ERROR frame). 0: the open file limit less 128",
+    )
     tcp: bool = _setting(True, "serve the raw TCP protocol")
     tcp_port: int = _setting(7000, "TCP port for the binary protocol (0 picks a free one)")
     workers: int = _setting(
@@ -185,6 +198,8 @@ class Settings:
             "job_retention",
             "auth_cache_tokens",
             "max_token_bytes",
+            "header_timeout",
+            "max_header_bytes",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -210,6 +225,8 @@ class Settings:
                 raise ValueError(f"{name} must be between 0 and 65535")
         if not 0 <= self.slow_consumer_grace <= 3600:
             raise ValueError("slow_consumer_grace must be between 0 and 3600 seconds")
+        if self.max_connections < 0:
+            raise ValueError("max_connections must not be negative (0 derives it)")
         if self.sse_retry < 0:
             raise ValueError("sse_retry must not be negative")
         if not 1 <= self.workers <= MAX_WORKERS:

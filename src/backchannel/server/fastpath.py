@@ -80,6 +80,11 @@ def direct_ws_transport(send: Send) -> asyncio.Transport | None:
     return cast(asyncio.Transport, transport)
 
 
+#: Every open connection taken over by :func:`take_over`, in this process: the connection limit
+#: counts them with uvicorn's own (see :class:`.limits.ConnectionLimit`).
+DETACHED: set[DetachedStream] = set()
+
+
 class DetachedStream(asyncio.Protocol):
     """The protocol of a connection taken over from uvicorn by :func:`take_over`.
 
@@ -111,6 +116,7 @@ class DetachedStream(asyncio.Protocol):
         self._wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        DETACHED.discard(self)
         self._paused = False
         self._wake()
         on_lost, self._on_lost = self._on_lost, None
@@ -161,6 +167,7 @@ def take_over(send: Send, on_lost: Callable[[], None]) -> DetachedStream | None:
     if getattr(flow, "read_paused", False):
         flow.resume_reading()
     transport.set_protocol(protocol)
+    DETACHED.add(protocol)
     # Out of uvicorn's books: its shutdown no longer waits for this connection (the fan-out
     # engine ends it), and its request cycle, told the client left, lets the task end quietly.
     connections.discard(owner)

@@ -36,6 +36,14 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]+$"},
+}
+
+
 def build(settings: Settings) -> dict[str, Any]:
     channel = {
         "name": "channel",
@@ -47,21 +55,13 @@ def build(settings: Settings) -> dict[str, Any]:
         ("POST", "/v1/channels/{channel}/messages"): {
             "parameters": [
                 channel,
-                {
-                    "name": "Idempotency-Key",
-                    "in": "header",
-                    "required": False,
-                    "schema": {
-                        "type": "string",
-                        "minLength": 1,
-                        "maxLength": 255,
-                        "pattern": "^[!-~]+$",
-                    },
-                },
+                IDEMPOTENCY_KEY,
             ],
             "requestBody": {
-                "required": True,
-                "description": "The message, kept exactly as sent with its content type.",
+                # An empty body is a message too: zero bytes of application/octet-stream.
+                "required": False,
+                "description": "The message, kept exactly as sent with its content type. "
+                "No body publishes an empty application/octet-stream message.",
                 "content": {
                     "application/json": {"schema": {}},
                     "text/plain": {"schema": {"type": "string"}},
@@ -208,6 +208,7 @@ def build(settings: Settings) -> dict[str, Any]:
                         "schema": {
                             "type": "object",
                             "additionalProperties": False,
+                            "required": ["retention"],
                             "properties": {
                                 "retention": {"oneOf": [{"type": "null"}, _ref("Retention")]}
                             },
@@ -257,18 +258,42 @@ def build(settings: Settings) -> dict[str, Any]:
         "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
     }
     queue_param = dict(channel, name="queue")
+    job_wait = {
+        "name": "wait",
+        "in": "query",
+        "required": False,
+        "description": "Seconds to wait; a longer wait is shortened to max_wait "
+        f"({settings.max_wait:g})",
+        "schema": {"type": "number", "minimum": 0},
+    }
     job_ok = _json(_ref("Job"), "The job")
-    worker_body = {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["lease"],
-                    "properties": {"lease": {"type": "string"}},
+
+    def worker_body(required: list[str], **properties: Any) -> dict[str, Any]:
+        return {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["lease", *required],
+                        "properties": {"lease": {"type": "string"}, **properties},
+                    }
                 }
-            }
-        },
+            },
+        }
+
+    worker_bodies = {
+        "heartbeat": worker_body(
+            [],
+            extend={
+                "type": ["number", "null"],
+                "minimum": 1,
+                "maximum": settings.job_max_lease,
+            },
+        ),
+        "progress": worker_body(["progress"], progress={}),
+        "complete": worker_body(["result"], result={}),
+        "fail": worker_body([], error={"type": "string"}, retry={"type": "boolean"}),
     }
     worker_problems = _problems("job-not-found", "lease-lost", "invalid-job", "malformed-json")
     job_details: dict[tuple[str, str], dict[str, Any]] = {
@@ -282,12 +307,7 @@ def build(settings: Settings) -> dict[str, Any]:
                     "description": "wait=N: answer 200 with the finished job if it ends in N s",
                     "schema": {"type": "string"},
                 },
-                {
-                    "name": "Idempotency-Key",
-                    "in": "header",
-                    "required": False,
-                    "schema": {"type": "string"},
-                },
+                IDEMPOTENCY_KEY,
                 {
                     "name": "max_attempts",
                     "in": "query",
@@ -305,24 +325,22 @@ def build(settings: Settings) -> dict[str, Any]:
                     "message-too-large",
                     "unsupported-media-type",
                     "invalid-job",
+                    "invalid-idempotency-key",
+                    "idempotency-key-reused",
                 ),
             },
         },
         ("GET", "/v1/jobs/{job}"): {
             "parameters": [
                 job_param,
-                {
-                    "name": "wait",
-                    "in": "query",
-                    "required": False,
-                    "schema": {"type": "number", "minimum": 0, "maximum": settings.max_wait},
-                },
+                job_wait,
                 {
                     "name": "version",
                     "in": "query",
                     "required": False,
                     "description": "With wait: answer once the job's version passes this one.",
-                    "schema": {"type": "integer", "minimum": 0},
+                    # query_whole: at most 12 digits
+                    "schema": {"type": "integer", "minimum": 0, "maximum": 999_999_999_999},
                 },
             ],
             "responses": {
@@ -337,12 +355,7 @@ def build(settings: Settings) -> dict[str, Any]:
         ("POST", "/v1/queues/{queue}/claim"): {
             "parameters": [
                 queue_param,
-                {
-                    "name": "wait",
-                    "in": "query",
-                    "required": False,
-                    "schema": {"type": "number", "minimum": 0, "maximum": settings.max_wait},
-                },
+                job_wait,
                 {
                     "name": "lease",
                     "in": "query",
@@ -383,7 +396,7 @@ def build(settings: Settings) -> dict[str, Any]:
     for action in ("heartbeat", "progress", "complete", "fail"):
         job_details[("POST", f"/v1/jobs/{{job}}/{action}")] = {
             "parameters": [job_param],
-            "requestBody": worker_body,
+            "requestBody": worker_bodies[action],
             "responses": {"200": job_ok, **worker_problems},
         }
     details.update(job_details)
@@ -458,8 +471,17 @@ def build(settings: Settings) -> dict[str, Any]:
                     "type": "object",
                     "additionalProperties": False,
                     "properties": {
-                        "max_count": {"type": "integer", "minimum": 1},
-                        "max_age": {"type": "number", "minimum": 1, "maximum": 10 * 365 * 86400},
+                        # null, like a missing field, follows the server's default.
+                        "max_count": {
+                            "type": ["integer", "null"],
+                            "minimum": 1,
+                            "maximum": 1_000_000_000,
+                        },
+                        "max_age": {
+                            "type": ["number", "null"],
+                            "minimum": 1,
+                            "maximum": 10 * 365 * 86400,
+                        },
                     },
                 },
                 "ChannelInfo": {

@@ -84,6 +84,33 @@ _TYPES = [
         '{"retention": null}.',
     ),
     ProblemType("not-found", 404, "Not found", "No route matches this path."),
+    # Requests refused before they reach a route (backchannel.server.protocol): the hub closes
+    # the connection after each of these.
+    ProblemType(
+        "malformed-request",
+        400,
+        "Malformed request",
+        "The request is not valid HTTP/1.1: a bad request line, header, or chunked body.",
+    ),
+    ProblemType(
+        "request-timeout",
+        408,
+        "Request timeout",
+        "The request line and headers did not arrive within header_timeout seconds.",
+    ),
+    ProblemType(
+        "request-head-too-large",
+        431,
+        "Request head too large",
+        "The request line and headers are larger than max_header_bytes.",
+    ),
+    ProblemType(
+        "too-many-connections",
+        503,
+        "Too many connections",
+        "The hub has max_connections connections open. Retry after the number of seconds in "
+        "Retry-After; on TCP, reconnect later.",
+    ),
     # Push protocols (docs/protocol.md): answers to WebSocket and TCP commands, and the reasons
     # a connection is closed.
     ProblemType(

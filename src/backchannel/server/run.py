@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import uvicorn
 
@@ -17,6 +18,8 @@ from ..store import shown_url
 from .app import BackchannelApp
 from .auth import exposure_error, is_loopback
 from .config import Settings
+from .fastpath import DETACHED
+from .limits import ConnectionLimit, derived_max_connections, raise_file_limit
 from .tcp import TcpServer
 
 log = logging.getLogger("backchannel")
@@ -36,12 +39,19 @@ class _Server(uvicorn.Server):
         app: BackchannelApp,
         on_ready: Callable[[], None],
         tcp_socket: socket.socket | None,
+        limit: ConnectionLimit,
     ) -> None:
         super().__init__(config)
         self._app = app
         self._on_ready = on_ready
         self._tcp_socket = tcp_socket
         self._tcp: TcpServer | None = None
+        self._limit = limit
+        # uvicorn's set of open HTTP and WebSocket connections (an upgraded connection moves
+        # from its HTTP protocol to its WebSocket one), the event streams taken out of it
+        # (fastpath.take_over), and the TCP server's own connections.
+        limit.track(self.server_state.connections)
+        limit.track(DETACHED)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -55,6 +65,8 @@ class _Server(uvicorn.Server):
                 max_subscriptions=settings.max_subscriptions,
                 auth=self._app.auth,
                 slow_consumer_grace=settings.slow_consumer_grace,
+                hello_timeout=settings.header_timeout,
+                limit=self._limit,
             )
             await self._tcp.start(self._tcp_socket)
         self._on_ready()
@@ -165,12 +177,26 @@ def run_server(
     """Serve on the sockets until a signal stops the server; ``on_ready`` once listening.
     Exits with status 3 if the app did not start."""
     settings = app.settings
+    limit = ConnectionLimit(settings.max_connections or derived_max_connections(raise_file_limit()))
+    http: Any = "h11"
+    if importlib.util.find_spec("httptools"):
+        from .protocol import http_protocol
+
+        http = http_protocol(settings, limit)
+    else:  # pragma: no cover - httptools is a dependency on CPython
+        log.warning(
+            "httptools is missing: header_timeout, max_header_bytes and max_connections "
+            "do not apply to HTTP"
+        )
     config = uvicorn.Config(
         app,
         lifespan="on",
         log_level=settings.log_level,
         access_log=settings.access_log,
-        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        http=http,
+        # wsproto answers a Close frame that arrives inside a fragmented message with a normal
+        # close; websockets fails the connection with 1002 (Autobahn case 7.1.5).
+        ws="wsproto",
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         # A publish over /v1/ws carries the body as JSON or base64: room for that, no more.
@@ -181,7 +207,7 @@ def run_server(
     )
     # After uvicorn's Config, which sets up its loggers.
     logging.getLogger("uvicorn.access").addFilter(_redact_tokens)
-    server = _Server(config, app, on_ready, tcp_socket)
+    server = _Server(config, app, on_ready, tcp_socket, limit)
     # uvicorn re-raises the signal that stopped it once shutdown is done, with the handler that
     # was in place before it started; a no-op handler makes a graceful SIGTERM exit with 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)

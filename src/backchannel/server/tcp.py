@@ -29,6 +29,7 @@ from ..core.messages import Message
 from ..wire import frames
 from ..wire.cursor import MAX_SEQ
 from .auth import ANONYMOUS, Authenticator
+from .limits import ConnectionLimit, Refusal
 from .problems import HTTPProblem, problem_for
 from .session import Session
 
@@ -69,6 +70,7 @@ class TcpConnection(asyncio.Protocol):
         self._publishing: set[asyncio.Task[None]] = set()
         self._reading_paused = False
         self._drop_timer: asyncio.TimerHandle | None = None
+        self._hello_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -85,8 +87,22 @@ class TcpConnection(asyncio.Protocol):
             self.close(CloseReason.SHUTTING_DOWN)
             return
         self.server.connections.add(self)
+        self._hello_timer = asyncio.get_running_loop().call_later(
+            self.server.hello_timeout, self._hello_timed_out
+        )
+
+    def _hello_timed_out(self) -> None:
+        self._hello_timer = None
+        if self.close_reason is None and self.codec.state is frames.State.AWAITING_HELLO:
+            self._fail(
+                "request-timeout",
+                f"no HELLO within {self.server.hello_timeout:g} s (header_timeout)",
+            )
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
         if self.close_reason is None:
             self.close_reason = CloseReason.UNSUBSCRIBED
         self.session.close()
@@ -137,6 +153,9 @@ class TcpConnection(asyncio.Protocol):
 
     def _handle(self, event: frames.Event) -> None:
         if isinstance(event, frames.Hello):
+            if self._hello_timer is not None:
+                self._hello_timer.cancel()
+                self._hello_timer = None
             assert self.codec.version is not None
             self._send(
                 frames.Welcome(
@@ -294,6 +313,34 @@ class TcpConnection(asyncio.Protocol):
         return self.close_reason is not None
 
 
+class RefusedConnection(asyncio.Protocol):
+    """A connection past ``max_connections``: one ERROR frame (``too-many-connections``,
+    request 0), then the connection is closed (see :class:`~.limits.Refusal`)."""
+
+    def __init__(self, limit: ConnectionLimit) -> None:
+        self.limit = limit
+        self.refusal: Refusal | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        codec = frames.Connection(frames.Role.SERVER)
+        frame = codec.send(
+            frames.Error(
+                request=0,
+                type="too-many-connections",
+                detail=f"the hub has {self.limit.limit} connections open (max_connections); "
+                "retry later",
+            )
+        )
+        self.refusal = Refusal(self.limit, cast(asyncio.Transport, transport), frame)
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.refusal is not None:
+            self.refusal.done()
+
+
 class TcpServer:
     """Listens for TCP connections and serves the binary protocol on them."""
 
@@ -305,6 +352,8 @@ class TcpServer:
         max_subscriptions: int,
         auth: Authenticator | None = None,
         slow_consumer_grace: float = 5.0,
+        hello_timeout: float = 10.0,
+        limit: ConnectionLimit | None = None,
     ) -> None:
         self.hub = hub
         self.auth = auth or Authenticator(())
@@ -312,14 +361,21 @@ class TcpServer:
         # Room for a message of max_message_bytes plus the fields around it.
         self.max_frame = max(frames.DEFAULT_MAX_FRAME, max_message_bytes + 65_536)
         self.max_subscriptions = max_subscriptions
+        self.hello_timeout = hello_timeout
         self.connections: set[TcpConnection] = set()
+        self.limit = limit
+        if limit is not None:
+            limit.track(self.connections)
         self._server: asyncio.Server | None = None
+
+    def _accept(self) -> asyncio.Protocol:
+        if self.limit is not None and self.limit.full(pending=1):
+            return RefusedConnection(self.limit)
+        return TcpConnection(self)
 
     async def start(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: TcpConnection(self), sock=sock, backlog=LISTEN_BACKLOG
-        )
+        self._server = await loop.create_server(self._accept, sock=sock, backlog=LISTEN_BACKLOG)
 
     def stop_accepting(self) -> None:
         if self._server is not None:
