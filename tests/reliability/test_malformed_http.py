@@ -363,3 +363,31 @@ def test_idle_connections_up_to_the_file_limit(limited_hub: HubProcess) -> None:
     log = hub.stderr()
     assert "refusing connections" in log
     assert "Too many open files" not in log and "unable to open" not in log
+
+
+def test_event_streams_count_toward_the_connection_limit(hub_factory: type[HubProcess]) -> None:
+    """A started event stream leaves uvicorn's books (server/fastpath.py take_over); the limit
+    must still count it, or streams could exhaust the process's files."""
+    hub = hub_factory("--max-connections", "10", "--no-tcp").start()
+    streams = []
+    try:
+        for _ in range(10):
+            sock = socket.create_connection(address(hub), timeout=SOCKET_TIMEOUT)
+            sock.sendall(b"GET /v1/channels/limited/events HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += sock.recv(4096)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            streams.append(sock)
+        deadline = time.monotonic() + SOCKET_TIMEOUT
+        while parse(response := probe(hub))[0] == 200:  # the last stream may still be closing
+            assert time.monotonic() < deadline, "streams were not counted"
+            time.sleep(0.05)
+        assert_problem(response, 503, "too-many-connections")
+    finally:
+        for sock in streams:
+            sock.close()
+    deadline = time.monotonic() + SOCKET_TIMEOUT
+    while parse(probe(hub))[0] != 200:
+        assert time.monotonic() < deadline, "the hub did not serve again"
+        time.sleep(0.05)
