@@ -84,6 +84,10 @@ def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
+def valid_job_id(job_id: str) -> bool:
+    return _JOB_ID.fullmatch(job_id) is not None
+
+
 def check_job_id(job_id: str) -> str:
     if _JOB_ID.fullmatch(job_id) is None:
         raise JobNotFound(f"there is no job {job_id[:40]!r}")

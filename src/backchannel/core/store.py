@@ -16,6 +16,10 @@ behaviour suite in ``tests/store`` checks them):
 - Jobs are kept with a ``version``: ``job_update`` replaces a job only if the stored one is the
   version before it (compare-and-set), so concurrent changes from several hub processes
   cannot both win. Job listeners hear every stored change, from any process.
+- The batch methods of :class:`JobBatchStore` are optional: a store that has them does a batch
+  in one go (the SQLite store: in one transaction), and behaves as the single-item methods
+  applied in order. Call them through :func:`job_create_many`, :func:`job_update_many` and
+  :func:`job_get_many`, which fall back to the single-item methods for a store without them.
 - Listeners are called on the event loop with ``(channel, messages)`` after messages are
   durably appended: the new messages of one channel, in sequence order, as many as were
   committed together. A store shared by several hub processes calls them for appends made by
@@ -25,7 +29,7 @@ behaviour suite in ``tests/store`` checks them):
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from .channels import Retention
 from .jobs import Job
@@ -90,3 +94,40 @@ class Store(Protocol):
 
     async def job_trim(self, *, now_ms: int, keep_ms: int) -> int:
         """Delete jobs that finished more than ``keep_ms`` ago; return how many."""
+
+
+@runtime_checkable
+class JobBatchStore(Protocol):
+    """What a store may add to :class:`Store` to handle many jobs at once. Each method means
+    what the single-item methods would, applied to the items in order."""
+
+    async def job_create_many(
+        self, items: Sequence[tuple[Job, str | None]], *, now_ms: int
+    ) -> list[tuple[Job, bool]]:
+        """``job_create`` of each ``(job, idempotency_key)``: a key used earlier in the same
+        batch returns that earlier job."""
+
+    async def job_update_many(self, jobs: Sequence[Job]) -> list[bool]:
+        """``job_update`` of each job: compare-and-set, each on its own."""
+
+    async def job_get_many(self, job_ids: Sequence[str]) -> list[Job | None]: ...
+
+
+async def job_create_many(
+    store: Store, items: Sequence[tuple[Job, str | None]], *, now_ms: int
+) -> list[tuple[Job, bool]]:
+    if isinstance(store, JobBatchStore):
+        return await store.job_create_many(items, now_ms=now_ms)
+    return [await store.job_create(job, idempotency_key=key, now_ms=now_ms) for job, key in items]
+
+
+async def job_update_many(store: Store, jobs: Sequence[Job]) -> list[bool]:
+    if isinstance(store, JobBatchStore):
+        return await store.job_update_many(jobs)
+    return [await store.job_update(job) for job in jobs]
+
+
+async def job_get_many(store: Store, job_ids: Sequence[str]) -> list[Job | None]:
+    if isinstance(store, JobBatchStore):
+        return await store.job_get_many(job_ids)
+    return [await store.job_get(job_id) for job_id in job_ids]

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..core.channels import Retention
@@ -35,10 +39,8 @@ class MemoryStore:
         self._channels: dict[str, _Channel] = {}
         self._listeners: list[Listener] = []
         self._job_listeners: list[JobListener] = []
-        self._jobs: dict[str, Job] = {}  # in submission order
-        # Unfinished jobs by queue, in submission order: what claims and the sweeper look at,
-        # so that finished jobs piling up cost them nothing.
-        self._active: dict[str, dict[str, None]] = {}
+        self._jobs: dict[str, Job] = {}
+        self._queues: dict[str, _Queue] = {}
         self._job_keys: dict[tuple[str, str], tuple[str, int]] = {}  # (queue, key): (id, expiry)
         self._open = False
 
@@ -164,15 +166,37 @@ class MemoryStore:
     def add_job_listener(self, listener: JobListener) -> None:
         self._job_listeners.append(listener)
 
-    def _job_changed(self, job: Job) -> None:
-        loop = asyncio.get_running_loop()
-        for listener in self._job_listeners:
-            loop.call_soon(listener, job)
+    def _jobs_changed(self, changed: list[Job]) -> None:
+        if changed and self._job_listeners:
+            asyncio.get_running_loop().call_soon(self._tell, changed)
 
-    async def job_create(
-        self, job: Job, *, idempotency_key: str | None, now_ms: int
-    ) -> tuple[Job, bool]:
-        self._check()
+    def _tell(self, changed: list[Job]) -> None:
+        for job in changed:
+            for listener in self._job_listeners:
+                listener(job)
+
+    def _index(self, before: Job | None, job: Job) -> None:
+        """Keep the queued and running indexes of ``job``'s queue in step with its state."""
+        queue = self._queues.get(job.queue)
+        if queue is None:
+            queue = self._queues[job.queue] = _Queue()
+        if before is not None:
+            if before.state is JobState.QUEUED:
+                if before.id in queue.fresh:
+                    del queue.fresh[before.id]
+                else:
+                    queue.returned.remove((before.created_ms, before.id))
+            elif before.state is JobState.RUNNING:
+                queue.running.pop(before.id, None)
+        if job.state is JobState.QUEUED:
+            if before is None:
+                queue.fresh[job.id] = None
+            else:  # put back: it goes before newer jobs, by its creation time
+                bisect.insort(queue.returned, (job.created_ms, job.id))
+        elif job.state is JobState.RUNNING:
+            queue.running[job.id] = None
+
+    def _create(self, job: Job, idempotency_key: str | None, now_ms: int) -> tuple[Job, bool]:
         if idempotency_key is not None:
             earlier = self._job_keys.get((job.queue, idempotency_key))
             if earlier is not None and earlier[1] > now_ms and earlier[0] in self._jobs:
@@ -182,40 +206,81 @@ class MemoryStore:
                 now_ms + self.idempotency_ttl_ms,
             )
         self._jobs[job.id] = job
-        self._active.setdefault(job.queue, {})[job.id] = None
-        self._job_changed(job)
+        self._index(None, job)
         return job, False
+
+    def _update(self, job: Job) -> bool:
+        stored = self._jobs.get(job.id)
+        if stored is None or stored.version != job.version - 1:
+            return False
+        self._jobs[job.id] = job
+        self._index(stored, job)
+        return True
+
+    async def job_create(
+        self, job: Job, *, idempotency_key: str | None, now_ms: int
+    ) -> tuple[Job, bool]:
+        self._check()
+        made = self._create(job, idempotency_key, now_ms)
+        if not made[1]:
+            self._jobs_changed([job])
+        return made
+
+    async def job_create_many(
+        self, items: Sequence[tuple[Job, str | None]], *, now_ms: int
+    ) -> list[tuple[Job, bool]]:
+        self._check()
+        made = [self._create(job, key, now_ms) for job, key in items]
+        self._jobs_changed([job for job, replayed in made if not replayed])
+        return made
 
     async def job_get(self, job_id: str) -> Job | None:
         self._check()
         return self._jobs.get(job_id)
 
+    async def job_get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
+        self._check()
+        return [self._jobs.get(job_id) for job_id in job_ids]
+
     async def job_update(self, job: Job) -> bool:
         self._check()
-        stored = self._jobs.get(job.id)
-        if stored is None or stored.version != job.version - 1:
+        if not self._update(job):
             return False
-        self._jobs[job.id] = job
-        if job.state.finished:
-            active = self._active.get(job.queue)
-            if active is not None:
-                active.pop(job.id, None)
-        self._job_changed(job)
+        self._jobs_changed([job])
         return True
+
+    async def job_update_many(self, jobs: Sequence[Job]) -> list[bool]:
+        self._check()
+        done = [self._update(job) for job in jobs]
+        self._jobs_changed([job for job, ok in zip(jobs, done, strict=True) if ok])
+        return done
 
     async def job_candidates(self, queue: str, *, now_ms: int, limit: int) -> list[Job]:
         self._check()
-        active = self._active.get(queue, {})
-        found = [job for job in map(self._jobs.__getitem__, active) if _claimable(job, now_ms)]
-        found.sort(key=lambda job: (job.state is not JobState.QUEUED, job.created_ms))
-        return found[:limit]
+        state = self._queues.get(queue)
+        if state is None:
+            return []
+        jobs = self._jobs
+        # Fresh jobs are in submission order; jobs put back are merged in by creation time.
+        found = [jobs[job_id] for job_id in itertools.islice(state.fresh, limit)]
+        if state.returned:
+            found += [jobs[job_id] for _, job_id in state.returned[:limit]]
+            found.sort(key=lambda job: (job.created_ms, job.id))
+            del found[limit:]
+        if len(found) < limit:
+            expired = [
+                job for job in map(jobs.__getitem__, state.running) if _lease_expired(job, now_ms)
+            ]
+            expired.sort(key=lambda job: (job.created_ms, job.id))
+            found += expired[: limit - len(found)]
+        return found
 
     async def job_expired(self, *, now_ms: int, limit: int) -> list[Job]:
         self._check()
         expired = [
             job
-            for active in self._active.values()
-            for job in map(self._jobs.__getitem__, active)
+            for state in self._queues.values()
+            for job in map(self._jobs.__getitem__, state.running)
             if _lease_expired(job, now_ms)
         ]
         return expired[:limit]
@@ -233,13 +298,19 @@ class MemoryStore:
         return len(old)
 
 
+@dataclass
+class _Queue:
+    """The unfinished jobs of one queue: what claims and the sweeper look at, so that finished
+    jobs piling up cost them nothing."""
+
+    fresh: OrderedDict[str, None] = field(default_factory=OrderedDict)  # never claimed, in order
+    returned: list[tuple[int, str]] = field(default_factory=list)  # put back, sorted
+    running: dict[str, None] = field(default_factory=dict)
+
+
 def _lease_expired(job: Job, now_ms: int) -> bool:
     return (
         job.state is JobState.RUNNING
         and job.lease_expires_ms is not None
         and job.lease_expires_ms <= now_ms
     )
-
-
-def _claimable(job: Job, now_ms: int) -> bool:
-    return job.state is JobState.QUEUED or _lease_expired(job, now_ms)

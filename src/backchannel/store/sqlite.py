@@ -25,7 +25,7 @@ import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -43,6 +43,8 @@ log = logging.getLogger("backchannel.store.sqlite")
 # it on an older file upgrades it in place.
 SCHEMA_VERSION = 2
 MAX_BATCH = 1024
+# Ids per IN (...) list: below SQLite's oldest limit on bound parameters (999).
+_IN_CHUNK = 500
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS channels (
@@ -701,6 +703,39 @@ class SQLiteStore:
         result: tuple[Job, bool] = await self._write(run)
         return result
 
+    async def job_create_many(
+        self, items: Sequence[tuple[Job, str | None]], *, now_ms: int
+    ) -> list[tuple[Job, bool]]:
+        expires = now_ms + self.idempotency_ttl_ms
+
+        def run(conn: sqlite3.Connection) -> list[tuple[Job, bool]]:
+            made: list[tuple[Job, bool]] = []
+            new: list[Job] = []
+            keyed: dict[tuple[str, str], Job] = {}  # keys of this batch: their rows wait below
+            for job, key in items:
+                if key is not None:
+                    earlier = keyed.get((job.queue, key))
+                    if earlier is None:
+                        row = conn.execute(_JOB_BY_KEY, (job.queue, key, now_ms)).fetchone()
+                        earlier = None if row is None else _job_from_row(row)
+                    if earlier is not None:
+                        made.append((earlier, True))
+                        continue
+                    keyed[(job.queue, key)] = job
+                made.append((job, False))
+                new.append(job)
+            conn.executemany(
+                "INSERT OR REPLACE INTO job_keys (queue, key, job_id, expires_ms) "
+                "VALUES (?, ?, ?, ?)",
+                [(queue, key, job.id, expires) for (queue, key), job in keyed.items()],
+            )
+            conn.executemany(_JOB_INSERT, [_job_values(job) for job in new])
+            self._jobs_changed.extend(new)
+            return made
+
+        result: list[tuple[Job, bool]] = await self._write(run)
+        return result
+
     async def job_update(self, job: Job) -> bool:
         def run(conn: sqlite3.Connection) -> bool:
             # Compare-and-set: the row changes only if it is still the version this one follows,
@@ -712,6 +747,20 @@ class SQLiteStore:
             return True
 
         updated: bool = await self._write(run)
+        return updated
+
+    async def job_update_many(self, jobs: Sequence[Job]) -> list[bool]:
+        def run(conn: sqlite3.Connection) -> list[bool]:
+            done: list[bool] = []
+            for job in jobs:
+                values = _job_values(job)
+                cursor = conn.execute(_JOB_UPDATE, (*values[1:], job.id, job.version - 1))
+                done.append(cursor.rowcount == 1)
+                if cursor.rowcount == 1:
+                    self._jobs_changed.append(job)
+            return done
+
+        updated: list[bool] = await self._write(run)
         return updated
 
     async def job_trim(self, *, now_ms: int, keep_ms: int) -> int:
@@ -732,6 +781,22 @@ class SQLiteStore:
 
         result: Job | None = await self._read(run)
         return result
+
+    async def job_get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
+        def run(conn: sqlite3.Connection) -> dict[str, Job]:
+            found: dict[str, Job] = {}
+            unique = list(dict.fromkeys(job_ids))
+            for start in range(0, len(unique), _IN_CHUNK):
+                chunk = unique[start : start + _IN_CHUNK]
+                marks = ", ".join("?" * len(chunk))
+                query = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id IN ({marks})"
+                for row in conn.execute(query, chunk):
+                    job = _job_from_row(row)
+                    found[job.id] = job
+            return found
+
+        found: dict[str, Job] = await self._read(run)
+        return [found.get(job_id) for job_id in job_ids]
 
     async def job_candidates(self, queue: str, *, now_ms: int, limit: int) -> list[Job]:
         def run(conn: sqlite3.Connection) -> list[Job]:
