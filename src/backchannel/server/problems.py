@@ -176,6 +176,13 @@ _TYPES = [
         "A worker command lacks its lease or a field, or a lease or attempt count is out of range.",
     ),
     ProblemType(
+        "batch-too-large",
+        413,
+        "Batch too large",
+        "A batch of jobs (submit, claim max=, results) has more items than job_max_batch, or "
+        "a watch names more jobs than job_max_watch.",
+    ),
+    ProblemType(
         "origin-not-allowed",
         403,
         "Origin not allowed",
