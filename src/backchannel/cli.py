@@ -217,6 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="lease per claim; heartbeats renew it (default: 30)",
     )
+    worker.add_argument(
+        "--prefetch",
+        type=int,
+        default=0,
+        metavar="N",
+        help="jobs claimed ahead of idle threads: for many short jobs (default: 0)",
+    )
     return parser
 
 
@@ -301,7 +308,9 @@ def _worker(client: Client, args: argparse.Namespace) -> int:
         function = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError) as exc:
         raise SystemExit(f"backchannel: cannot load {args.function}: {exc}") from None
-    worker = Worker(client=client, concurrency=args.concurrency, lease=args.lease)
+    worker = Worker(
+        client=client, concurrency=args.concurrency, lease=args.lease, prefetch=args.prefetch
+    )
     worker.task(args.queue)(function)
     print(f"backchannel worker: {args.function} on queue {args.queue}", file=sys.stderr)
     worker.run()

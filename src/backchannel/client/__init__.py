@@ -10,7 +10,16 @@ from .errors import (
     HubUnreachable,
     ProtocolViolation,
 )
-from .jobs import AsyncJobHandle, Job, JobFailed, JobHandle
+from .jobs import (
+    AsyncJobHandle,
+    Completion,
+    Failure,
+    Finished,
+    Job,
+    JobBatchError,
+    JobFailed,
+    JobHandle,
+)
 from .models import Message, Page, Published
 from .resilience import BreakerState, CircuitBreaker, Resilience, RetryPolicy
 from .sync import Client, Subscription
@@ -27,10 +36,14 @@ __all__ = [
     "CircuitOpen",
     "Client",
     "ClientError",
+    "Completion",
+    "Failure",
+    "Finished",
     "HubError",
     "HubTimeout",
     "HubUnreachable",
     "Job",
+    "JobBatchError",
     "JobContext",
     "JobFailed",
     "JobHandle",
