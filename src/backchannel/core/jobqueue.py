@@ -30,14 +30,13 @@ from .channels import validate_channel
 from .errors import BackchannelError, InvalidRequest, TooBusy
 from .hub import check_idempotency_key
 from .jobs import Job, JobNotFound, JobState
-from .store import Store, job_create_many, job_get_many, job_update_many
+from .store import CAS_ATTEMPTS, Store, job_change_many, job_claim, job_create_many, job_get_many
 
 log = logging.getLogger("backchannel.jobs")
 
 #: How often the sweeper looks for expired leases, and deletes finished jobs, in seconds.
 SWEEP_EVERY = 1.0
 TRIM_EVERY = 60.0
-CAS_ATTEMPTS = 20
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -264,40 +263,20 @@ class JobQueue:
 
     async def _take(self, queue: str, lease_ms: int, count: int) -> list[Job]:
         now = self._now_ms()
-        # A few more than asked: another claimer may take some of them first.
-        candidates = await self.store.job_candidates(queue, now_ms=now, limit=count + 15)
-        taken: list[Job] = []
-        left = iter(candidates)
-        while len(taken) < count:
-            tries: list[Job] = []
-            ended: list[Job] = []  # leases that expired on the last attempt: dead or cancelled
-            for candidate in left:
-                claimed = self._claimed(candidate, now, lease_ms, ended)
-                if claimed is not None:
-                    tries.append(claimed)
-                    if len(tries) == count - len(taken):
-                        break
-            if not tries and not ended:
-                break
-            stored = await job_update_many(self.store, ended + tries)
-            taken += [job for job, ok in zip(tries, stored[len(ended) :], strict=True) if ok]
-            if not tries:
-                break
-        return taken
+        leases = jobs.new_leases(count)
 
-    @staticmethod
-    def _claimed(candidate: Job, now: int, lease_ms: int, ended: list[Job]) -> Job | None:
-        if candidate.state is not JobState.RUNNING:
-            return jobs.claimed(candidate, now, lease_ms)
-        # Its lease expired: back to the queue first.
-        back = jobs.expired(candidate, now)
-        if back is None:
-            return None
-        if back.state is not JobState.QUEUED:
-            ended.append(back)
-            return None
-        # Both steps in one stored version: nobody else sees it queued in between.
-        return _squash(candidate, jobs.claimed(back, now, lease_ms))
+        def take(candidate: Job) -> Job | None:
+            if candidate.state is not JobState.RUNNING:
+                return jobs.claimed(candidate, now, lease_ms, lease=next(leases, None))
+            # Its lease expired: back to the queue first (or dead, or cancelled).
+            back = jobs.expired(candidate, now)
+            if back is None or back.state is not JobState.QUEUED:
+                return back
+            # Both steps in one stored version: nobody else sees it queued in between.
+            return _squash(candidate, jobs.claimed(back, now, lease_ms, lease=next(leases, None)))
+
+        stored = await job_claim(self.store, queue, now_ms=now, count=count, take=take)
+        return [job for job in stored if job.state is JobState.RUNNING]
 
     async def heartbeat(self, job_id: str, lease: str, extend: float | None = None) -> Job:
         lease_ms = self._lease_ms(extend)
@@ -316,39 +295,29 @@ class JobQueue:
         """Complete or fail each job of ``queue``, in one store batch: per item, the job as
         :meth:`complete` or :meth:`fail` returns it, or the error that refused it."""
         self._check_batch(len(outcomes))
-        out: list[Finished | None] = [None] * len(outcomes)
-        pending: list[int] = []
-        for i, outcome in enumerate(outcomes):
+        now = self._now_ms()
+        refused: dict[int, BackchannelError] = {}
+
+        def change(i: int, job: Job | None) -> Job | None:
+            refused.pop(i, None)
+            if job is None or job.queue != queue:
+                missing = outcomes[i].job_id[:40]
+                refused[i] = JobNotFound(f"there is no job {missing!r} in queue {queue}")
+                return None
             try:
-                jobs.check_job_id(outcome.job_id)
+                return outcomes[i].apply(job, now)
             except BackchannelError as exc:
-                out[i] = exc
-            else:
-                pending.append(i)
-        for _ in range(CAS_ATTEMPTS):
-            if not pending:
-                break
-            now = self._now_ms()
-            found = await job_get_many(self.store, [outcomes[i].job_id for i in pending])
-            changes: list[tuple[int, Job]] = []
-            for i, job in zip(pending, found, strict=True):
-                if job is None or job.queue != queue:
-                    out[i] = JobNotFound(f"there is no job {outcomes[i].job_id} in queue {queue}")
-                    continue
-                try:
-                    changes.append((i, outcomes[i].apply(job, now)))
-                except BackchannelError as exc:
-                    out[i] = exc
-            stored = await job_update_many(self.store, [job for _, job in changes])
-            pending = []
-            for (i, job), ok in zip(changes, stored, strict=True):
-                if ok:
-                    out[i] = job
-                else:  # changed meanwhile (a cancel, or the same job twice in the batch)
-                    pending.append(i)
-        for i in pending:
-            out[i] = TooBusy(f"job {outcomes[i].job_id} kept changing under this request")
-        return [item for item in out if item is not None]
+                refused[i] = exc
+                return None
+
+        ids = [outcome.job_id for outcome in outcomes]
+        stored = await job_change_many(self.store, ids, change)
+        return [
+            job
+            if job is not None
+            else refused.get(i) or TooBusy(f"job {ids[i]} kept changing under this request")
+            for i, job in enumerate(stored)
+        ]
 
     # -- watching many jobs -------------------------------------------------------------------
 

@@ -36,30 +36,41 @@ _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+(?:\.\d+)?)", re.IGNORECA
 
 
 def job_document(job: Job, *, with_lease: bool = False) -> bytes:
-    def raw(value: bytes | None) -> Any:
-        return None if value is None else orjson.Fragment(value)
+    """The job as JSON: payload, progress and result embedded as stored.
 
-    document: dict[str, Any] = {
-        "id": job.id,
-        "queue": job.queue,
-        "state": job.state.value,
-        "attempts": job.attempts,
-        "max_attempts": job.max_attempts,
-        "created": format_time(job.created_ms),
-        "updated": format_time(job.updated_ms),
-        "version": job.version,
-        "payload": raw(job.payload),
-        "progress": raw(job.progress),
-        "result": raw(job.result),
-        "error": job.error,
-        "cancel_requested": job.cancel_requested,
-    }
+    Written out as bytes rather than through a dict: a batch sends thousands. Ids, queue
+    names (the channel name rules) and states need no escaping; the error goes through
+    ``orjson``."""
+    error = b"null" if job.error is None else orjson.dumps(job.error)
+    head = (
+        f'{{"id":"{job.id}","queue":"{job.queue}","state":"{job.state.value}",'
+        f'"attempts":{job.attempts},"max_attempts":{job.max_attempts},'
+        f'"created":"{format_time(job.created_ms)}","updated":"{format_time(job.updated_ms)}",'
+        f'"version":{job.version},"payload":'
+    ).encode()
+    tail = b',"cancel_requested":true' if job.cancel_requested else b',"cancel_requested":false'
     if with_lease:
-        document["lease"] = job.lease
-        document["lease_expires"] = (
-            format_time(job.lease_expires_ms) if job.lease_expires_ms is not None else None
+        lease = b"null" if job.lease is None else b'"' + job.lease.encode() + b'"'
+        expires = (
+            b"null"
+            if job.lease_expires_ms is None
+            else b'"' + format_time(job.lease_expires_ms).encode() + b'"'
         )
-    return orjson.dumps(document)
+        tail += b',"lease":' + lease + b',"lease_expires":' + expires
+    return b"".join(
+        (
+            head,
+            job.payload,
+            b',"progress":',
+            b"null" if job.progress is None else job.progress,
+            b',"result":',
+            b"null" if job.result is None else job.result,
+            b',"error":',
+            error,
+            tail,
+            b"}",
+        )
+    )
 
 
 def job_event(job: Job) -> bytes:

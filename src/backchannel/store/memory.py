@@ -13,7 +13,7 @@ from ..core.channels import Retention
 from ..core.errors import IdempotencyKeyReused, Unavailable
 from ..core.jobs import Job, JobState
 from ..core.messages import Appended, ChannelStats, Draft, Message
-from ..core.store import JobListener, Listener
+from ..core.store import Change, JobListener, Listener, Take
 from .base import DEFAULT_IDEMPOTENCY_TTL_MS, DEFAULT_RETENTION
 
 
@@ -254,6 +254,29 @@ class MemoryStore:
         done = [self._update(job) for job in jobs]
         self._jobs_changed([job for job, ok in zip(jobs, done, strict=True) if ok])
         return done
+
+    async def job_claim(self, queue: str, *, now_ms: int, count: int, take: Take) -> list[Job]:
+        self._check()
+        stored: list[Job] = []
+        running = 0
+        for candidate in await self.job_candidates(queue, now_ms=now_ms, limit=count + 15):
+            if running == count:
+                break
+            changed = take(candidate)
+            if changed is not None and self._update(changed):
+                stored.append(changed)
+                running += changed.state is JobState.RUNNING
+        self._jobs_changed(stored)
+        return stored
+
+    async def job_change_many(self, job_ids: Sequence[str], change: Change) -> list[Job | None]:
+        self._check()
+        out: list[Job | None] = []
+        for i, job_id in enumerate(job_ids):
+            changed = change(i, self._jobs.get(job_id))
+            out.append(changed if changed is not None and self._update(changed) else None)
+        self._jobs_changed([job for job in out if job is not None])
+        return out
 
     async def job_candidates(self, queue: str, *, now_ms: int, limit: int) -> list[Job]:
         self._check()

@@ -34,7 +34,7 @@ from ..core.channels import Retention
 from ..core.errors import BackchannelError, IdempotencyKeyReused, Unavailable
 from ..core.jobs import Job, JobState
 from ..core.messages import Appended, ChannelStats, Draft, Message
-from ..core.store import JobListener, Listener
+from ..core.store import Change, JobListener, Listener, Take
 from .base import DEFAULT_IDEMPOTENCY_TTL_MS, DEFAULT_RETENTION
 
 log = logging.getLogger("backchannel.store.sqlite")
@@ -90,8 +90,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     lease_expires_ms INTEGER,
     cancel_requested INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS jobs_waiting ON jobs (queue, state, created_ms);
-CREATE INDEX IF NOT EXISTS jobs_lease ON jobs (state, lease_expires_ms);
+DROP INDEX IF EXISTS jobs_waiting;
+DROP INDEX IF EXISTS jobs_lease;
+CREATE INDEX IF NOT EXISTS jobs_queued ON jobs (queue, created_ms, id) WHERE state = 'queued';
+CREATE INDEX IF NOT EXISTS jobs_leased ON jobs (lease_expires_ms, id) WHERE state = 'running';
 CREATE TABLE IF NOT EXISTS job_keys (
     queue        TEXT    NOT NULL,
     key          TEXT    NOT NULL,
@@ -156,18 +158,20 @@ SELECT {_JOB_COLUMNS} FROM jobs
 WHERE id = (SELECT job_id FROM job_keys WHERE queue = ? AND key = ? AND expires_ms > ?)
 """
 
-# Each half is limited on its own so that both walk jobs_waiting in order and stop early,
-# instead of sorting every queued job of the queue; the outer query puts them one after the
-# other in a single statement, so both halves read the same snapshot.
+# Each half is limited on its own so that it stops early: the queued half walks jobs_queued
+# in order, the expired half reads only the leases that ran out (from jobs_leased, which holds
+# running jobs only) instead of every running job of the queue. The outer query puts them one
+# after the other in a single statement, so both halves read the same snapshot.
 _JOB_CANDIDATES = f"""
 SELECT {_JOB_COLUMNS} FROM (
     SELECT 0 AS expired, * FROM (
-        SELECT * FROM jobs WHERE queue = ? AND state = 'queued'
+        SELECT * FROM jobs INDEXED BY jobs_queued WHERE state = 'queued' AND queue = ?
         ORDER BY created_ms, id LIMIT ?
     )
     UNION ALL
     SELECT 1 AS expired, * FROM (
-        SELECT * FROM jobs WHERE queue = ? AND state = 'running' AND lease_expires_ms <= ?
+        SELECT * FROM jobs INDEXED BY jobs_leased
+        WHERE state = 'running' AND lease_expires_ms <= ? AND queue = ?
         ORDER BY created_ms, id LIMIT ?
     )
 )
@@ -203,6 +207,9 @@ def _job_values(job: Job) -> tuple[Any, ...]:
     )
 
 
+_STATES = {state.value: state for state in JobState}
+
+
 def _job_from_row(row: tuple[Any, ...]) -> Job:
     """The job from a row of ``_JOB_FIELDS``."""
     (
@@ -225,7 +232,7 @@ def _job_from_row(row: tuple[Any, ...]) -> Job:
     return Job(
         id=job_id,
         queue=queue_name,
-        state=JobState(state),
+        state=_STATES[state],
         payload=bytes(payload),
         attempts=attempts,
         max_attempts=max_attempts,
@@ -239,6 +246,18 @@ def _job_from_row(row: tuple[Any, ...]) -> Job:
         lease_expires_ms=lease_expires_ms,
         cancel_requested=bool(cancel_requested),
     )
+
+
+def _jobs_by_id(conn: sqlite3.Connection, job_ids: Sequence[str]) -> dict[str, Job]:
+    found: dict[str, Job] = {}
+    unique = list(dict.fromkeys(job_ids))
+    for start in range(0, len(unique), _IN_CHUNK):
+        chunk = unique[start : start + _IN_CHUNK]
+        marks = ", ".join("?" * len(chunk))
+        for row in conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id IN ({marks})", chunk):
+            job = _job_from_row(row)
+            found[job.id] = job
+    return found
 
 
 class StoreLocked(Unavailable):
@@ -763,6 +782,52 @@ class SQLiteStore:
         updated: list[bool] = await self._write(run)
         return updated
 
+    async def job_claim(self, queue: str, *, now_ms: int, count: int, take: Take) -> list[Job]:
+        limit = count + 15  # more than asked: an expired lease may end its job instead
+
+        def run(conn: sqlite3.Connection) -> list[Job]:
+            rows = conn.execute(
+                _JOB_CANDIDATES, (queue, limit, now_ms, queue, limit, limit)
+            ).fetchall()
+            stored: list[Job] = []
+            running = 0
+            for row in rows:
+                if running == count:
+                    break
+                changed = take(_job_from_row(row))
+                if changed is not None:
+                    stored.append(changed)
+                    running += changed.state is JobState.RUNNING
+            # Read and written in this one transaction: every compare-and-set holds.
+            self._update_rows(conn, stored)
+            return stored
+
+        result: list[Job] = await self._write(run)
+        return result
+
+    async def job_change_many(self, job_ids: Sequence[str], change: Change) -> list[Job | None]:
+        def run(conn: sqlite3.Connection) -> list[Job | None]:
+            current = _jobs_by_id(conn, job_ids)
+            out: list[Job | None] = []
+            for i, job_id in enumerate(job_ids):
+                changed = change(i, current.get(job_id))
+                if changed is not None:
+                    current[job_id] = changed  # the same id again sees this version
+                out.append(changed)
+            self._update_rows(conn, [job for job in out if job is not None])
+            return out
+
+        result: list[Job | None] = await self._write(run)
+        return result
+
+    def _update_rows(self, conn: sqlite3.Connection, jobs: list[Job]) -> None:
+        """Store versions computed from rows this transaction read (writer thread only)."""
+        rows = [(*_job_values(job)[1:], job.id, job.version - 1) for job in jobs]
+        cursor = conn.executemany(_JOB_UPDATE, rows)
+        if cursor.rowcount != len(rows):  # the writer is the only one: this is a bug
+            raise RuntimeError(f"{len(rows) - cursor.rowcount} job rows changed under the writer")
+        self._jobs_changed.extend(jobs)
+
     async def job_trim(self, *, now_ms: int, keep_ms: int) -> int:
         def run(conn: sqlite3.Connection) -> int:
             cursor = conn.execute(_JOB_TRIM, (now_ms - keep_ms,))
@@ -783,25 +848,13 @@ class SQLiteStore:
         return result
 
     async def job_get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
-        def run(conn: sqlite3.Connection) -> dict[str, Job]:
-            found: dict[str, Job] = {}
-            unique = list(dict.fromkeys(job_ids))
-            for start in range(0, len(unique), _IN_CHUNK):
-                chunk = unique[start : start + _IN_CHUNK]
-                marks = ", ".join("?" * len(chunk))
-                query = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id IN ({marks})"
-                for row in conn.execute(query, chunk):
-                    job = _job_from_row(row)
-                    found[job.id] = job
-            return found
-
-        found: dict[str, Job] = await self._read(run)
+        found: dict[str, Job] = await self._read(lambda conn: _jobs_by_id(conn, job_ids))
         return [found.get(job_id) for job_id in job_ids]
 
     async def job_candidates(self, queue: str, *, now_ms: int, limit: int) -> list[Job]:
         def run(conn: sqlite3.Connection) -> list[Job]:
             rows = conn.execute(
-                _JOB_CANDIDATES, (queue, limit, queue, now_ms, limit, limit)
+                _JOB_CANDIDATES, (queue, limit, now_ms, queue, limit, limit)
             ).fetchall()
             return [_job_from_row(row) for row in rows]
 

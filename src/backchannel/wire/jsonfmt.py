@@ -7,6 +7,7 @@ later, pushed frames) without encoding the message again.
 from __future__ import annotations
 
 import base64
+import functools
 from datetime import UTC, datetime
 
 import orjson
@@ -17,8 +18,13 @@ from .payload import Encoding, encoding_for
 
 def format_time(time_ms: int) -> str:
     """RFC 3339 UTC time with milliseconds, e.g. ``2026-11-28T04:43:05.123Z``."""
-    moment = datetime.fromtimestamp(time_ms / 1000, tz=UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{time_ms % 1000:03d}Z"
+    return f"{_second(time_ms // 1000)}{time_ms % 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=1024)
+def _second(seconds: int) -> str:
+    # Times come in runs (a batch of jobs, a burst of messages): the date part is cached.
+    return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.")
 
 
 def encode_message(channel: str, seq: int, time_ms: int, content_type: str, data: bytes) -> bytes:
