@@ -82,8 +82,10 @@ class Job:
     cancel_requested: bool = False
 
 
-def new_job_id() -> str:
-    return os.urandom(16).hex()
+def new_job_id(now_ms: int) -> str:
+    """32 hex digits: the time in milliseconds (12), then 80 random bits. Ids made later sort
+    later, so a store's index of ids grows at one end instead of everywhere at once."""
+    return f"{now_ms & 0xFFFFFFFFFFFF:012x}{os.urandom(10).hex()}"
 
 
 def valid_job_id(job_id: str) -> bool:
@@ -100,7 +102,7 @@ def submitted(queue: str, payload: bytes, max_attempts: int, now_ms: int) -> Job
     if not 1 <= max_attempts <= 100:
         raise InvalidRequest("invalid-job", "max_attempts must be between 1 and 100")
     return Job(
-        id=new_job_id(),
+        id=new_job_id(now_ms),
         queue=queue,
         state=JobState.QUEUED,
         payload=payload,

@@ -39,8 +39,10 @@ from .base import DEFAULT_IDEMPOTENCY_TTL_MS, DEFAULT_RETENTION
 
 log = logging.getLogger("backchannel.store.sqlite")
 
-# 2 added the job tables. Every statement of the schema is CREATE ... IF NOT EXISTS, so running
-# it on an older file upgrades it in place.
+# 2 added the job tables. Every statement of the schema is CREATE ... IF NOT EXISTS (or DROP ...
+# IF EXISTS), so running it on an older file upgrades it in place. The job indexes were replaced
+# later (jobs_waiting and jobs_lease by the partial jobs_queued and jobs_leased) without a new
+# version: the rows are the same, and whichever code opens the file makes the indexes it needs.
 SCHEMA_VERSION = 2
 MAX_BATCH = 1024
 # Ids per IN (...) list: below SQLite's oldest limit on bound parameters (999).
@@ -257,6 +259,28 @@ def _jobs_by_id(conn: sqlite3.Connection, job_ids: Sequence[str]) -> dict[str, J
         for row in conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id IN ({marks})", chunk):
             job = _job_from_row(row)
             found[job.id] = job
+    return found
+
+
+def _jobs_by_key(
+    conn: sqlite3.Connection, keys: Sequence[tuple[str, str]], now_ms: int
+) -> dict[tuple[str, str], Job]:
+    """The jobs of live idempotency keys among ``keys`` (a key whose job is gone is free)."""
+    found: dict[tuple[str, str], Job] = {}
+    by_queue: dict[str, list[str]] = {}
+    for queue_name, key in dict.fromkeys(keys):
+        by_queue.setdefault(queue_name, []).append(key)
+    for queue_name, wanted in by_queue.items():
+        for start in range(0, len(wanted), _IN_CHUNK):
+            chunk = wanted[start : start + _IN_CHUNK]
+            marks = ", ".join("?" * len(chunk))
+            query = (
+                f"SELECT k.key, {', '.join('j.' + name for name in _JOB_FIELDS)} "
+                "FROM job_keys AS k JOIN jobs AS j ON j.id = k.job_id "
+                f"WHERE k.queue = ? AND k.expires_ms > ? AND k.key IN ({marks})"
+            )
+            for key, *row in conn.execute(query, (queue_name, now_ms, *chunk)):
+                found[(queue_name, key)] = _job_from_row(tuple(row))
     return found
 
 
@@ -730,17 +754,17 @@ class SQLiteStore:
         def run(conn: sqlite3.Connection) -> list[tuple[Job, bool]]:
             made: list[tuple[Job, bool]] = []
             new: list[Job] = []
+            # The jobs of keys used before (one query per queue and 500 keys), then of keys used
+            # earlier in this batch.
+            earlier = _jobs_by_key(conn, [(job.queue, key) for job, key in items if key], now_ms)
             keyed: dict[tuple[str, str], Job] = {}  # keys of this batch: their rows wait below
             for job, key in items:
                 if key is not None:
-                    earlier = keyed.get((job.queue, key))
-                    if earlier is None:
-                        row = conn.execute(_JOB_BY_KEY, (job.queue, key, now_ms)).fetchone()
-                        earlier = None if row is None else _job_from_row(row)
-                    if earlier is not None:
-                        made.append((earlier, True))
+                    first = earlier.get((job.queue, key))
+                    if first is not None:
+                        made.append((first, True))
                         continue
-                    keyed[(job.queue, key)] = job
+                    keyed[(job.queue, key)] = earlier[(job.queue, key)] = job
                 made.append((job, False))
                 new.append(job)
             conn.executemany(
