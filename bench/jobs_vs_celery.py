@@ -15,7 +15,8 @@ throughput (the headline)
     (one request per 1,000 jobs), then ``await client.wait_all(handles)`` (one event stream
     that pushes each result). The hub's worker is the SDK's
     :class:`~backchannel.client.worker.Worker` in a separate process on CPU 1, with
-    ``--concurrency`` (8) threads and ``--prefetch`` (64): it claims jobs in batches
+    ``--concurrency`` (8) threads and its default prefetch (which follows the jobs; or
+    ``--prefetch N``): it claims jobs in batches
     (``claim?max=``) and reports their ends in batches (``POST /v1/queues/{q}/results``).
     Celery: ``task.delay()`` for all N, then ``.get()`` for each, with the worker started as
     ``celery worker --pool threads --concurrency 8`` (``--celery-pool``/``--concurrency``).
@@ -203,7 +204,7 @@ async def hub_worker_single(url: str, claimers: int) -> None:
         await asyncio.gather(*(loop() for _ in range(claimers)))
 
 
-def hub_worker_main(url: str, mode: str, concurrency: int, prefetch: int) -> None:
+def hub_worker_main(url: str, mode: str, concurrency: int, prefetch: int | None) -> None:
     """The hub's worker process (``--worker-of URL``)."""
     if mode == "sdk":
         from backchannel.client import worker as worker_module
@@ -292,7 +293,8 @@ def run_hub(args: argparse.Namespace, store: str, tmp: Path) -> SideResult:
     side = SideResult(
         name=f"backchannel {label}",
         setup=f"hub `--store {'memory://' if store == 'memory' else '(default)'}` on CPU 0; "
-        f"SDK Worker ({args.concurrency} threads, prefetch {args.prefetch}) in a process on "
+        f"SDK Worker ({args.concurrency} threads, prefetch "
+        f"{'following the jobs' if args.prefetch is None else args.prefetch}) in a process on "
         "CPU 1; client AsyncClient: submit_many + wait_all. One job per request: "
         f"{args.in_flight} submit + result() in flight, a worker process of {args.claimers} "
         "claim/complete loops",
@@ -302,7 +304,8 @@ def run_hub(args: argparse.Namespace, store: str, tmp: Path) -> SideResult:
         return [
             "taskset", "-c", str(CLIENT_CPU), sys.executable, __file__,
             "--worker-of", hub.url, "--hub-worker", mode,
-            "--concurrency", str(concurrency), "--prefetch", str(args.prefetch),
+            "--concurrency", str(concurrency),
+            *(["--prefetch", str(args.prefetch)] if args.prefetch is not None else []),
         ]  # fmt: skip
 
     def measure(run: Any, worker: subprocess.Popen[bytes]) -> Throughput:
@@ -557,7 +560,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--concurrency", type=int, default=8, help="threads of the SDK Worker and of Celery (8)"
     )
     parser.add_argument(
-        "--prefetch", type=int, default=64, help="the SDK Worker's prefetch (default: 64)"
+        "--prefetch",
+        type=int,
+        default=None,
+        help="the SDK Worker's prefetch (default: the Worker's own, which follows the jobs)",
     )
     parser.add_argument("--celery-pool", choices=("threads", "prefork", "solo"), default="threads")
     parser.add_argument(

@@ -220,9 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--prefetch",
         type=int,
-        default=0,
+        default=None,
         metavar="N",
-        help="jobs claimed ahead of idle threads: for many short jobs (default: 0)",
+        help="jobs claimed ahead of idle threads (default: follow the jobs: many for short "
+        "ones, none for long ones)",
     )
     return parser
 

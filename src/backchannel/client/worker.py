@@ -11,15 +11,20 @@
 
     worker.run()  # until SIGTERM or Ctrl-C, then finishes the jobs it holds
 
-Per queue, one thread claims jobs in batches (as many as there are idle task threads, plus
-``prefetch``), and ``concurrency`` threads run the function, one job each at a time. One
-thread reports the ends of jobs to the hub: what is ready goes at once, in one request
-(``finish_many``), so a lone job is reported as soon as it ends and a busy worker sends one
-request for many jobs. Another keeps the leases of the jobs the worker holds alive with
+Per queue, one thread claims jobs in batches (``claim_many``: as many as there are idle task
+threads, plus the prefetch), and ``concurrency`` threads run the function, one job each at a
+time. One thread reports the ends of jobs to the hub: what is ready goes at once, in one
+request (``finish_many``), so a lone job is reported as soon as it ends and a busy worker sends
+one request for many jobs. Another keeps the leases of the jobs the worker holds alive with
 heartbeats. A job whose function returned is completed with the result; one whose function
 raised is failed with the exception (the hub retries it up to its attempts). A function that
 takes a second argument receives a :class:`JobContext`, to report progress and to see whether
 the job was cancelled.
+
+The prefetch is how many jobs a queue's claimer may hold beyond its idle threads. By default
+it follows the jobs: enough to keep the threads busy for one claim's round trip, from the
+average time a job takes and a claim takes (so about none for jobs of a second or more, and up
+to :data:`MAX_PREFETCH` for jobs of microseconds). A fixed ``prefetch`` replaces that.
 """
 
 from __future__ import annotations
@@ -46,6 +51,10 @@ log = logging.getLogger("backchannel.worker")
 CLAIM_WAIT = 5.0
 #: Ends of jobs reported in one request, at most.
 REPORT_BATCH = 1000
+#: The most jobs a claimer holds beyond its threads when the prefetch follows the jobs.
+MAX_PREFETCH = 1000
+#: Weight of the newest sample in the running averages of job and claim times.
+SMOOTHING = 0.2
 
 Task = Callable[..., Any]
 
@@ -99,18 +108,18 @@ class Worker:
         *,
         concurrency: int = 1,
         lease: float = 30.0,
-        prefetch: int = 0,
+        prefetch: int | None = None,
         client: Client | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
-        if prefetch < 0:
+        if prefetch is not None and prefetch < 0:
             raise ValueError("prefetch must not be negative")
         self.client = client or Client(url)
         self.concurrency = concurrency
         #: Jobs a queue's claimer may hold beyond its idle threads: they wait (leased, with
-        #: heartbeats) for a thread, and spare a claim request. Worth it for many short jobs;
-        #: keep 0 for long jobs, which another worker could start meanwhile.
+        #: heartbeats) for a thread, and spare claim requests. None: follow the jobs (see the
+        #: module's docstring); 0: claim only for idle threads.
         self.prefetch = prefetch
         self.lease = lease
         self.tasks: dict[str, Task] = {}
@@ -228,8 +237,10 @@ class _Lane:
         self.function = function
         self.wants_context = len(inspect.signature(function).parameters) >= 2
         self.ready: queue.SimpleQueue[JobContext | None] = queue.SimpleQueue()
-        # Jobs claimed and not yet run to the end; the claimer takes no more than its room.
-        self.room = threading.Semaphore(worker.concurrency + worker.prefetch)
+        self.changed = threading.Condition()
+        self.held = 0  # jobs claimed (or being claimed) and not yet run to the end
+        self.run_time = 0.0  # running averages, in seconds: a job's run, a prompt claim
+        self.claim_time = 0.0
 
     def start(self) -> list[threading.Thread]:
         threads = [threading.Thread(target=self._claim_forever, daemon=True)]
@@ -241,15 +252,30 @@ class _Lane:
             thread.start()
         return threads
 
+    def capacity(self) -> int:
+        """How many jobs the lane may hold: a job per thread, plus the prefetch."""
+        worker = self.worker
+        prefetch = worker.prefetch
+        if prefetch is None:
+            # Enough jobs to keep every thread busy while the next claim is on its way.
+            if self.run_time <= 0:
+                prefetch = 0
+            else:
+                wanted = worker.concurrency * self.claim_time / self.run_time
+                prefetch = int(min(wanted, MAX_PREFETCH))
+        return worker.concurrency + prefetch
+
     def _claim_forever(self) -> None:
         worker = self.worker
         try:
             while not worker.stopping.is_set():
-                if not self.room.acquire(timeout=0.2):
-                    continue
-                free = 1
-                while free < BATCH_SIZE and self.room.acquire(blocking=False):
-                    free += 1
+                with self.changed:
+                    free = min(self.capacity() - self.held, BATCH_SIZE)
+                    if free <= 0:
+                        self.changed.wait(0.2)
+                        continue
+                    self.held += free
+                began = time.perf_counter()
                 try:
                     jobs = worker.client.claim_many(
                         self.name, limit=free, wait=CLAIM_WAIT, lease=worker.lease
@@ -258,20 +284,26 @@ class _Lane:
                     jobs = []
                     log.warning("claim on %s failed: %s; retrying", self.name, exc)
                     worker.stopping.wait(1.0)
+                if len(jobs) == free:  # answered at once: a round trip, not a wait for jobs
+                    self.claim_time = _average(self.claim_time, time.perf_counter() - began)
+                with self.changed:
+                    self.held -= free - len(jobs)
                 for context in worker._hold(jobs):
                     self.ready.put(context)
-                if free > len(jobs):
-                    self.room.release(free - len(jobs))
         finally:
             for _ in range(worker.concurrency):
                 self.ready.put(None)  # the task threads end once the jobs claimed have run
 
     def _run_forever(self) -> None:
         while (context := self.ready.get()) is not None:
+            began = time.perf_counter()
             try:
                 self._run(context)
             finally:
-                self.room.release()
+                self.run_time = _average(self.run_time, time.perf_counter() - began)
+                with self.changed:
+                    self.held -= 1
+                    self.changed.notify()
 
     def _run(self, context: JobContext) -> None:
         job = context.job
@@ -291,6 +323,10 @@ class _Lane:
                 error = f"the task's result cannot be sent as JSON: {exc}"
                 outcome = Failure(context.job, error, retry=False)
         self.worker._ended(self.name, outcome)
+
+
+def _average(average: float, sample: float) -> float:
+    return sample if average == 0 else average + SMOOTHING * (sample - average)
 
 
 def _join(threads: list[threading.Thread]) -> None:

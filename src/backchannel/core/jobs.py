@@ -44,9 +44,13 @@ class JobState(enum.Enum):
     CANCELLED = "cancelled"
     DEAD = "dead"
 
-    @property
-    def finished(self) -> bool:
-        return self in (JobState.SUCCEEDED, JobState.CANCELLED, JobState.DEAD)
+    #: A final state: nothing changes the job any more. (Set on each member below: a plain
+    #: attribute, read for every job of every batch, rather than a property.)
+    finished: bool
+
+
+for _state in JobState:
+    _state.finished = _state in (JobState.SUCCEEDED, JobState.CANCELLED, JobState.DEAD)
 
 
 class JobNotFound(BackchannelError):

@@ -16,14 +16,16 @@ from .cursor import format_id
 from .payload import Encoding, encoding_for
 
 
+@functools.lru_cache(maxsize=4096)
 def format_time(time_ms: int) -> str:
-    """RFC 3339 UTC time with milliseconds, e.g. ``2026-11-28T04:43:05.123Z``."""
+    """RFC 3339 UTC time with milliseconds, e.g. ``2026-11-28T04:43:05.123Z``.
+
+    Cached: times come in runs (the jobs of a batch, a burst of messages)."""
     return f"{_second(time_ms // 1000)}{time_ms % 1000:03d}Z"
 
 
 @functools.lru_cache(maxsize=1024)
 def _second(seconds: int) -> str:
-    # Times come in runs (a batch of jobs, a burst of messages): the date part is cached.
     return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.")
 
 
