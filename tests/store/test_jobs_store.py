@@ -277,3 +277,19 @@ async def test_sqlite_candidates_use_the_partial_indexes(tmp_path: Path) -> None
     # Claims walk the queued jobs in order and read only the leases that ran out.
     assert "INDEX jobs_queued" in plan and "INDEX jobs_leased" in plan
     assert "jobs_waiting" not in indexes and "jobs_lease" not in indexes
+
+
+async def test_a_batch_is_claimed_in_the_order_it_was_submitted(any_store: Store) -> None:
+    early, _ = await any_store.job_create(job(now=T0 - 5), idempotency_key=None, now_ms=T0)
+    batch = [job(now=T0) for _ in range(30)]  # one millisecond: the ids alone do not order them
+    await store_batch.job_create_many(any_store, [(j, None) for j in batch], now_ms=T0)
+    running = jobs.claimed(early, T0, LEASE)
+    assert await any_store.job_update(running)
+    back = jobs.failed(running, running.lease or "", "retry me", True, T0 + 1)
+    assert await any_store.job_update(back)  # put back: still the oldest
+
+    def take(candidate: Job) -> Job | None:
+        return jobs.claimed(candidate, T0 + 2, LEASE)
+
+    taken = await store_batch.job_claim(any_store, "q", now_ms=T0 + 2, count=31, take=take)
+    assert [j.id for j in taken] == [early.id] + [j.id for j in batch]

@@ -244,8 +244,9 @@ class Client(BaseClient):
                 self._sleep(watching.failed(error))
 
     def wait_all(self, handles: Iterable[JobHandle], *, timeout: float | None = None) -> list[Job]:
-        """The jobs once all have finished (or as they are after ``timeout`` seconds), in the
-        order of ``handles``; see :meth:`as_finished`."""
+        """The jobs once all have finished, in the order of ``handles``; after ``timeout``
+        seconds, the unfinished ones as last seen (each handle's ``last``: as submitted, unless
+        polled since). See :meth:`as_finished`."""
         handles = list(handles)
         for _ in self.as_finished(handles, timeout=timeout):
             pass

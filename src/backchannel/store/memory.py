@@ -40,6 +40,8 @@ class MemoryStore:
         self._listeners: list[Listener] = []
         self._job_listeners: list[JobListener] = []
         self._jobs: dict[str, Job] = {}
+        self._stored: dict[str, int] = {}  # the order jobs were created in
+        self._count = itertools.count()
         self._queues: dict[str, _Queue] = {}
         self._job_keys: dict[tuple[str, str], tuple[str, int]] = {}  # (queue, key): (id, expiry)
         self._open = False
@@ -185,16 +187,21 @@ class MemoryStore:
                 if before.id in queue.fresh:
                     del queue.fresh[before.id]
                 else:
-                    queue.returned.remove((before.created_ms, before.id))
+                    queue.returned.remove(self._rank(before))
             elif before.state is JobState.RUNNING:
                 queue.running.pop(before.id, None)
         if job.state is JobState.QUEUED:
             if before is None:
                 queue.fresh[job.id] = None
             else:  # put back: it goes before newer jobs, by its creation time
-                bisect.insort(queue.returned, (job.created_ms, job.id))
+                bisect.insort(queue.returned, self._rank(job))
         elif job.state is JobState.RUNNING:
             queue.running[job.id] = None
+
+    def _rank(self, job: Job) -> tuple[int, int, str]:
+        """Claim order: creation time, then the order jobs were stored in (a batch shares its
+        millisecond)."""
+        return (job.created_ms, self._stored[job.id], job.id)
 
     def _create(self, job: Job, idempotency_key: str | None, now_ms: int) -> tuple[Job, bool]:
         if idempotency_key is not None:
@@ -206,6 +213,7 @@ class MemoryStore:
                 now_ms + self.idempotency_ttl_ms,
             )
         self._jobs[job.id] = job
+        self._stored[job.id] = next(self._count)
         self._index(None, job)
         return job, False
 
@@ -287,14 +295,14 @@ class MemoryStore:
         # Fresh jobs are in submission order; jobs put back are merged in by creation time.
         found = [jobs[job_id] for job_id in itertools.islice(state.fresh, limit)]
         if state.returned:
-            found += [jobs[job_id] for _, job_id in state.returned[:limit]]
-            found.sort(key=lambda job: (job.created_ms, job.id))
+            found += [jobs[job_id] for _, _, job_id in state.returned[:limit]]
+            found.sort(key=self._rank)
             del found[limit:]
         if len(found) < limit:
             expired = [
                 job for job in map(jobs.__getitem__, state.running) if _lease_expired(job, now_ms)
             ]
-            expired.sort(key=lambda job: (job.created_ms, job.id))
+            expired.sort(key=self._rank)
             found += expired[: limit - len(found)]
         return found
 
@@ -317,6 +325,7 @@ class MemoryStore:
         ]
         for job_id in old:
             del self._jobs[job_id]
+            del self._stored[job_id]
         self._job_keys = {k: v for k, v in self._job_keys.items() if v[1] > now_ms}
         return len(old)
 
@@ -327,7 +336,7 @@ class _Queue:
     jobs piling up cost them nothing."""
 
     fresh: OrderedDict[str, None] = field(default_factory=OrderedDict)  # never claimed, in order
-    returned: list[tuple[int, str]] = field(default_factory=list)  # put back, sorted
+    returned: list[tuple[int, int, str]] = field(default_factory=list)  # put back, by rank
     running: dict[str, None] = field(default_factory=dict)
 
 

@@ -94,8 +94,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 DROP INDEX IF EXISTS jobs_waiting;
 DROP INDEX IF EXISTS jobs_lease;
-CREATE INDEX IF NOT EXISTS jobs_queued ON jobs (queue, created_ms, id) WHERE state = 'queued';
-CREATE INDEX IF NOT EXISTS jobs_leased ON jobs (lease_expires_ms, id) WHERE state = 'running';
+CREATE INDEX IF NOT EXISTS jobs_queued ON jobs (queue, created_ms) WHERE state = 'queued';
+CREATE INDEX IF NOT EXISTS jobs_leased ON jobs (lease_expires_ms) WHERE state = 'running';
 CREATE TABLE IF NOT EXISTS job_keys (
     queue        TEXT    NOT NULL,
     key          TEXT    NOT NULL,
@@ -163,21 +163,23 @@ WHERE id = (SELECT job_id FROM job_keys WHERE queue = ? AND key = ? AND expires_
 # Each half is limited on its own so that it stops early: the queued half walks jobs_queued
 # in order, the expired half reads only the leases that ran out (from jobs_leased, which holds
 # running jobs only) instead of every running job of the queue. The outer query puts them one
-# after the other in a single statement, so both halves read the same snapshot.
+# after the other in a single statement, so both halves read the same snapshot. Jobs created in
+# the same millisecond (a batch) go in the order they were stored: rowid, which an index keeps
+# after its columns.
 _JOB_CANDIDATES = f"""
 SELECT {_JOB_COLUMNS} FROM (
-    SELECT 0 AS expired, * FROM (
-        SELECT * FROM jobs INDEXED BY jobs_queued WHERE state = 'queued' AND queue = ?
-        ORDER BY created_ms, id LIMIT ?
+    SELECT 0 AS expired, rowid AS stored, * FROM (
+        SELECT rowid, * FROM jobs INDEXED BY jobs_queued WHERE state = 'queued' AND queue = ?
+        ORDER BY created_ms, rowid LIMIT ?
     )
     UNION ALL
-    SELECT 1 AS expired, * FROM (
-        SELECT * FROM jobs INDEXED BY jobs_leased
+    SELECT 1 AS expired, rowid AS stored, * FROM (
+        SELECT rowid, * FROM jobs INDEXED BY jobs_leased
         WHERE state = 'running' AND lease_expires_ms <= ? AND queue = ?
-        ORDER BY created_ms, id LIMIT ?
+        ORDER BY created_ms, rowid LIMIT ?
     )
 )
-ORDER BY expired, created_ms, id
+ORDER BY expired, created_ms, stored
 LIMIT ?
 """
 
@@ -890,7 +892,7 @@ class SQLiteStore:
             rows = conn.execute(
                 f"SELECT {_JOB_COLUMNS} FROM jobs "
                 "WHERE state = 'running' AND lease_expires_ms <= ? "
-                "ORDER BY lease_expires_ms, id LIMIT ?",
+                "ORDER BY lease_expires_ms, rowid LIMIT ?",
                 (now_ms, limit),
             ).fetchall()
             return [_job_from_row(row) for row in rows]
