@@ -295,9 +295,13 @@ def run_hub(args: argparse.Namespace, store: str, tmp: Path) -> SideResult:
         setup=f"hub `--store {'memory://' if store == 'memory' else '(default)'}` on CPU 0; "
         f"SDK Worker ({args.concurrency} threads, prefetch "
         f"{'following the jobs' if args.prefetch is None else args.prefetch}) in a process on "
-        "CPU 1; client AsyncClient: submit_many + wait_all. One job per request: "
-        f"{args.in_flight} submit + result() in flight, a worker process of {args.claimers} "
-        "claim/complete loops",
+        "CPU 1; client AsyncClient: submit_many + wait_all"
+        + (
+            ""
+            if args.no_single
+            else f". One job per request: {args.in_flight} submit + result() in flight, a "
+            f"worker process of {args.claimers} claim/complete loops"
+        ),
     )
 
     def worker_command(mode: str, concurrency: int) -> list[str]:
@@ -333,14 +337,15 @@ def run_hub(args: argparse.Namespace, store: str, tmp: Path) -> SideResult:
                 side.latency[name] = latency_of(samples, bad)
             if worker.poll() is not None:
                 side.errors.append(f"the hub worker exited early: {tail(log)}")
-        log = tmp / f"hub-single-worker-{store}.log"
-        with started(worker_command("single", args.claimers), log) as worker:
-            start = 20_000_000
-            run_async(hub_throughput(hub.url, args.warmup, args.in_flight, start))
-            single = hub_throughput(hub.url, args.jobs, args.in_flight, 2 * start)
-            side.single = measure(single, worker)
-            if worker.poll() is not None:
-                side.errors.append(f"the one-job worker exited early: {tail(log)}")
+        if not args.no_single:
+            log = tmp / f"hub-single-worker-{store}.log"
+            with started(worker_command("single", args.claimers), log) as worker:
+                start = 20_000_000
+                run_async(hub_throughput(hub.url, args.warmup, args.in_flight, start))
+                single = hub_throughput(hub.url, args.jobs, args.in_flight, 2 * start)
+                side.single = measure(single, worker)
+                if worker.poll() is not None:
+                    side.errors.append(f"the one-job worker exited early: {tail(log)}")
         hub.check_alive()
         side.errors += hub.logged_errors()
     return side
@@ -505,8 +510,10 @@ def report(sides: list[SideResult]) -> str:
         ]
 
     rows = throughput_rows([s.throughput for s in sides], "batched")
-    # Celery has one way; its numbers stand in both rows so that both ratios are against it.
-    rows += throughput_rows([s.single or s.throughput for s in sides], "one job per request")
+    if all(h.single is not None for h in hubs):
+        # Celery has one way; its numbers stand in both rows so that both ratios are against it.
+        singles = [s.single or s.throughput for s in sides]
+        rows += throughput_rows(singles, "one job per request")
     kinds = [("submit wait=5", "delay().get()"), ("submit + result()", "delay().get()")]
     for hub_kind, celery_kind in kinds:
         for stat in ("p50_ms", "p99_ms", "max_ms"):
@@ -566,6 +573,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="the SDK Worker's prefetch (default: the Worker's own, which follows the jobs)",
     )
     parser.add_argument("--celery-pool", choices=("threads", "prefork", "solo"), default="threads")
+    parser.add_argument(
+        "--no-single",
+        action="store_true",
+        help="skip the hub's one-job-per-request throughput run (it takes most of the time)",
+    )
     parser.add_argument(
         "--sides",
         default="memory,sqlite,celery",
