@@ -8,24 +8,31 @@ the hub, a Celery worker is part of Celery's server side).
 Measures, for the hub with ``--store memory://`` and with the default SQLite store, and for
 Celery:
 
-throughput
-    N no-op jobs (``--jobs``, 10,000; payload ``{"n": i}``, the task returns its payload). The
-    hub's client is one :class:`~backchannel.client.aio.AsyncClient` with ``--in-flight`` (8)
-    coroutines, each doing ``handle = await client.submit(...)`` then
-    ``await handle.result()`` (a long poll). The hub's worker is a separate process on CPU 1,
-    ``--hub-worker async`` (default: asyncio with ``--claimers`` (4) coroutines looping
-    ``AsyncClient.claim`` / ``AsyncClient.complete``) or ``--hub-worker threads`` (the SDK's
-    :class:`~backchannel.client.worker.Worker` with ``--concurrency`` (8) threads). Celery:
-    ``task.delay()`` for all N, then ``.get()`` for each, with the worker started as
+throughput (the headline)
+    N no-op jobs (``--jobs``, 10,000; payload ``{"n": i}``, the task returns its payload),
+    the way docs/jobs.md tells you to run many jobs. The hub's client is one
+    :class:`~backchannel.client.aio.AsyncClient`: ``handles = await client.submit_many(...)``
+    (one request per 1,000 jobs), then ``await client.wait_all(handles)`` (one event stream
+    that pushes each result). The hub's worker is the SDK's
+    :class:`~backchannel.client.worker.Worker` in a separate process on CPU 1, with
+    ``--concurrency`` (8) threads and its default prefetch (which follows the jobs; or
+    ``--prefetch N``): it claims jobs in batches
+    (``claim?max=``) and reports their ends in batches (``POST /v1/queues/{q}/results``).
+    Celery: ``task.delay()`` for all N, then ``.get()`` for each, with the worker started as
     ``celery worker --pool threads --concurrency 8`` (``--celery-pool``/``--concurrency``).
     Reported: jobs/s = N / wall time from the first submit to the last result, server CPU
     seconds (``/proc/PID/stat`` utime + stime: the hub; redis-server + the celery worker and
     its children) and CPU seconds per 1000 jobs. Every result is checked.
+throughput one job per request (for comparison, the hub only)
+    The same N jobs with one request per step: ``--in-flight`` (8) coroutines each doing
+    ``handle = await client.submit(...)`` then ``await handle.result()`` (a long poll), and a
+    worker process of ``--claimers`` (4) asyncio coroutines looping ``AsyncClient.claim`` /
+    ``AsyncClient.complete``: four requests per job.
 latency
     M round trips one at a time (``--round-trips``, 500): submit, a worker completes, the
-    client has the result. Hub: ``submit(..., wait=5)`` (``Prefer: wait=5``, one request) and
-    ``submit(...)`` then ``handle.result()``; Celery: ``task.delay(i).get()``. Reported: p50 /
-    p99 / max in ms.
+    client has the result. Hub (with the SDK Worker): ``submit(..., wait=5)``
+    (``Prefer: wait=5``, one request) and ``submit(...)`` then ``handle.result()``; Celery:
+    ``task.delay(i).get()``. Reported: p50 / p99 / max in ms.
 
 Each side first runs ``--warmup`` (200) jobs, not measured. Ratios are backchannel / Celery.
 ``--json PATH`` writes everything; the exit status is 1 when a check failed. Every process the
@@ -103,6 +110,7 @@ class SideResult:
     name: str
     setup: str
     throughput: Throughput = field(default_factory=Throughput)
+    single: Throughput | None = None  # the hub, one job per request
     latency: dict[str, Latency] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
@@ -181,8 +189,8 @@ def tail(log: Path, size: int = 3000) -> str:
 # -- the hub ------------------------------------------------------------------------------------
 
 
-async def hub_worker_async(url: str, claimers: int) -> None:
-    """Claim and complete jobs with ``claimers`` coroutines until cancelled."""
+async def hub_worker_single(url: str, claimers: int) -> None:
+    """Claim and complete jobs one per request with ``claimers`` coroutines until cancelled."""
     from backchannel.client import AsyncClient
 
     async with AsyncClient(url, max_connections=claimers + 4, max_keepalive=claimers + 4) as c:
@@ -196,19 +204,19 @@ async def hub_worker_async(url: str, claimers: int) -> None:
         await asyncio.gather(*(loop() for _ in range(claimers)))
 
 
-def hub_worker_main(url: str, mode: str, concurrency: int) -> None:
+def hub_worker_main(url: str, mode: str, concurrency: int, prefetch: int | None) -> None:
     """The hub's worker process (``--worker-of URL``)."""
-    if mode == "threads":
+    if mode == "sdk":
         from backchannel.client import worker as worker_module
 
         worker_module.CLAIM_WAIT = 1.0  # stop within a second of SIGINT
-        worker = worker_module.Worker(url, concurrency=concurrency)
+        worker = worker_module.Worker(url, concurrency=concurrency, prefetch=prefetch)
         worker.task(QUEUE)(lambda payload: payload)
         worker.run()
         return
     handle_stop_signals()
     with contextlib.suppress(KeyboardInterrupt, SystemExit):
-        run_async(hub_worker_async(url, concurrency))
+        run_async(hub_worker_single(url, concurrency))
 
 
 def run_async(coro: Any) -> Any:
@@ -217,6 +225,23 @@ def run_async(coro: Any) -> Any:
     except ImportError:
         return asyncio.run(coro)
     return uvloop.run(coro)
+
+
+async def hub_throughput_batched(url: str, count: int, start: int) -> tuple[float, int]:
+    """submit_many, then wait_all: the documented way to run many jobs."""
+    from backchannel.client import AsyncClient
+
+    async with AsyncClient(url) as c:
+        began = time.perf_counter()
+        handles = await c.submit_many(QUEUE, [{"n": start + i} for i in range(count)])
+        jobs = await c.wait_all(handles, timeout=120)
+        seconds = time.perf_counter() - began
+    wrong = sum(
+        1
+        for i, job in enumerate(jobs)
+        if job.state != "succeeded" or job.result != {"n": start + i}
+    )
+    return seconds, wrong
 
 
 async def hub_throughput(url: str, count: int, in_flight: int, start: int) -> tuple[float, int]:
@@ -264,42 +289,63 @@ def run_hub(args: argparse.Namespace, store: str, tmp: Path) -> SideResult:
     extra = ["--log-level", "warning", "--no-tcp"]
     if store == "memory":
         extra += ["--store", "memory://"]
-    worker_setup = (
-        f"asyncio worker, {args.claimers} concurrent claim/complete loops"
-        if args.hub_worker == "async"
-        else f"SDK Worker, {args.concurrency} threads"
-    )
     label = "memory://" if store == "memory" else "SQLite (default)"
     side = SideResult(
         name=f"backchannel {label}",
         setup=f"hub `--store {'memory://' if store == 'memory' else '(default)'}` on CPU 0; "
-        f"{worker_setup} in a process on CPU 1; client AsyncClient, {args.in_flight} in flight",
+        f"SDK Worker ({args.concurrency} threads, prefetch "
+        f"{'following the jobs' if args.prefetch is None else args.prefetch}) in a process on "
+        "CPU 1; client AsyncClient: submit_many + wait_all"
+        + (
+            ""
+            if args.no_single
+            else f". One job per request: {args.in_flight} submit + result() in flight, a "
+            f"worker process of {args.claimers} claim/complete loops"
+        ),
     )
-    with HubProcess(extra, cpu=SERVER_CPU, tmp_root=args.tmp_dir) as hub:
-        workers = args.claimers if args.hub_worker == "async" else args.concurrency
-        command = [
+
+    def worker_command(mode: str, concurrency: int) -> list[str]:
+        return [
             "taskset", "-c", str(CLIENT_CPU), sys.executable, __file__,
-            "--worker-of", hub.url, "--hub-worker", args.hub_worker,
-            "--concurrency", str(workers),
+            "--worker-of", hub.url, "--hub-worker", mode,
+            "--concurrency", str(concurrency),
+            *(["--prefetch", str(args.prefetch)] if args.prefetch is not None else []),
         ]  # fmt: skip
+
+    def measure(run: Any, worker: subprocess.Popen[bytes]) -> Throughput:
+        hub_cpu0 = process_cpu_seconds(hub.pid)
+        worker_cpu0 = process_cpu_seconds(worker.pid)
+        client_cpu0 = self_cpu()
+        seconds, wrong = run_async(run)
+        return Throughput(
+            jobs=args.jobs,
+            seconds=seconds,
+            jobs_per_s=args.jobs / seconds,
+            server_cpu_s=process_cpu_seconds(hub.pid) - hub_cpu0,
+            worker_cpu_s=process_cpu_seconds(worker.pid) - worker_cpu0,
+            client_cpu_s=self_cpu() - client_cpu0,
+            wrong=wrong,
+        )
+
+    with HubProcess(extra, cpu=SERVER_CPU, tmp_root=args.tmp_dir) as hub:
         log = tmp / f"hub-worker-{store}.log"
-        with started(command, log) as worker:
-            run_async(hub_throughput(hub.url, args.warmup, args.in_flight, 10_000_000))
-            hub_cpu0 = process_cpu_seconds(hub.pid)
-            worker_cpu0 = process_cpu_seconds(worker.pid)
-            client_cpu0 = self_cpu()
-            seconds, wrong = run_async(hub_throughput(hub.url, args.jobs, args.in_flight, 0))
-            t = side.throughput
-            t.jobs, t.seconds, t.wrong = args.jobs, seconds, wrong
-            t.jobs_per_s = args.jobs / seconds
-            t.server_cpu_s = process_cpu_seconds(hub.pid) - hub_cpu0
-            t.worker_cpu_s = process_cpu_seconds(worker.pid) - worker_cpu0
-            t.client_cpu_s = self_cpu() - client_cpu0
+        with started(worker_command("sdk", args.concurrency), log) as worker:
+            run_async(hub_throughput_batched(hub.url, args.warmup, 10_000_000))
+            side.throughput = measure(hub_throughput_batched(hub.url, args.jobs, 0), worker)
             for name, prefer in (("submit wait=5", True), ("submit + result()", False)):
                 samples, bad = run_async(hub_latency(hub.url, args.round_trips, prefer))
                 side.latency[name] = latency_of(samples, bad)
             if worker.poll() is not None:
                 side.errors.append(f"the hub worker exited early: {tail(log)}")
+        if not args.no_single:
+            log = tmp / f"hub-single-worker-{store}.log"
+            with started(worker_command("single", args.claimers), log) as worker:
+                start = 20_000_000
+                run_async(hub_throughput(hub.url, args.warmup, args.in_flight, start))
+                single = hub_throughput(hub.url, args.jobs, args.in_flight, 2 * start)
+                side.single = measure(single, worker)
+                if worker.poll() is not None:
+                    side.errors.append(f"the one-job worker exited early: {tail(log)}")
         hub.check_alive()
         side.errors += hub.logged_errors()
     return side
@@ -445,19 +491,29 @@ def report(sides: list[SideResult]) -> str:
             cells += [ratio(values[sides.index(h)], c) for h in hubs]
         return cells
 
-    tp = [s.throughput for s in sides]
-    rows = [
-        row("**throughput jobs/s**", [t.jobs_per_s for t in tp], ",.0f"),
-        row("wall s", [t.seconds for t in tp], ".2f"),
-        row("server CPU s", [t.server_cpu_s for t in tp], ".2f"),
-        row("server CPU ms / 1000 jobs", [t.server_cpu_s / t.jobs * 1e6 for t in tp], ".0f"),
-        [
-            "hub worker process CPU s (CPU 1)",
-            *[f"{t.worker_cpu_s:.2f}" if t.worker_cpu_s is not None else "-" for t in tp],
-            *(["" for _ in hubs] if celery else []),
-        ],
-        row("client CPU s", [t.client_cpu_s for t in tp], ".2f"),
-    ]
+    def throughput_rows(tp: list[Throughput], how: str) -> list[list[str]]:
+        return [
+            row(f"**throughput jobs/s, {how}**", [t.jobs_per_s for t in tp], ",.0f"),
+            row(f"wall s, {how}", [t.seconds for t in tp], ".2f"),
+            row(f"server CPU s, {how}", [t.server_cpu_s for t in tp], ".2f"),
+            row(
+                f"server CPU ms / 1000 jobs, {how}",
+                [t.server_cpu_s / t.jobs * 1e6 for t in tp],
+                ".0f",
+            ),
+            [
+                f"hub worker process CPU s (CPU 1), {how}",
+                *[f"{t.worker_cpu_s:.2f}" if t.worker_cpu_s is not None else "-" for t in tp],
+                *(["" for _ in hubs] if celery else []),
+            ],
+            row(f"client CPU s, {how}", [t.client_cpu_s for t in tp], ".2f"),
+        ]
+
+    rows = throughput_rows([s.throughput for s in sides], "batched")
+    if all(h.single is not None for h in hubs):
+        # Celery has one way; its numbers stand in both rows so that both ratios are against it.
+        singles = [s.single or s.throughput for s in sides]
+        rows += throughput_rows(singles, "one job per request")
     kinds = [("submit wait=5", "delay().get()"), ("submit + result()", "delay().get()")]
     for hub_kind, celery_kind in kinds:
         for stat in ("p50_ms", "p99_ms", "max_ms"):
@@ -480,6 +536,7 @@ def report(sides: list[SideResult]) -> str:
             "ok"
             if not s.errors
             and not s.throughput.wrong
+            and not (s.single and s.single.wrong)
             and not any(v.wrong for v in s.latency.values())
             else "FAILED"
             for s in sides
@@ -502,19 +559,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--in-flight", type=int, default=8, help="hub client jobs in flight (default: 8)"
     )
+    parser.add_argument("--hub-worker", choices=("sdk", "single"), help=argparse.SUPPRESS)
     parser.add_argument(
-        "--hub-worker",
-        choices=("async", "threads"),
-        default="async",
-        help="async: AsyncClient claim/complete loops; threads: the SDK Worker (default: async)",
+        "--claimers", type=int, default=4, help="loops of the one-job-per-request worker (4)"
     )
     parser.add_argument(
-        "--claimers", type=int, default=4, help="async hub worker loops (default: 4)"
+        "--concurrency", type=int, default=8, help="threads of the SDK Worker and of Celery (8)"
     )
     parser.add_argument(
-        "--concurrency", type=int, default=8, help="threads of the SDK Worker and of Celery"
+        "--prefetch",
+        type=int,
+        default=None,
+        help="the SDK Worker's prefetch (default: the Worker's own, which follows the jobs)",
     )
     parser.add_argument("--celery-pool", choices=("threads", "prefork", "solo"), default="threads")
+    parser.add_argument(
+        "--no-single",
+        action="store_true",
+        help="skip the hub's one-job-per-request throughput run (it takes most of the time)",
+    )
     parser.add_argument(
         "--sides",
         default="memory,sqlite,celery",
@@ -529,7 +592,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker_of:
-        hub_worker_main(args.worker_of, args.hub_worker, args.concurrency)
+        hub_worker_main(args.worker_of, args.hub_worker, args.concurrency, args.prefetch)
         return 0
     handle_stop_signals()
     require_tool("taskset")
@@ -549,7 +612,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 raise BenchError(f"unknown side {which!r}")
     print(report(sides))
-    failed = [s for s in sides if s.errors or s.throughput.wrong]
+    failed = [s for s in sides if s.errors or s.throughput.wrong or (s.single and s.single.wrong)]
     failed += [s for s in sides if any(v.wrong for v in s.latency.values())]
     for s in failed:
         for error in s.errors:

@@ -270,6 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="lease per claim; heartbeats renew it (default: 30)",
     )
+    worker.add_argument(
+        "--prefetch",
+        type=int,
+        default=None,
+        metavar="N",
+        help="jobs claimed ahead of idle threads (default: follow the jobs: many for short "
+        "ones, none for long ones)",
+    )
     return parser
 
 
@@ -398,7 +406,9 @@ def _worker(client: Client, args: argparse.Namespace) -> int:
         function = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError) as exc:
         raise SystemExit(f"backchannel: cannot load {args.function}: {exc}") from None
-    worker = Worker(client=client, concurrency=args.concurrency, lease=args.lease)
+    worker = Worker(
+        client=client, concurrency=args.concurrency, lease=args.lease, prefetch=args.prefetch
+    )
     worker.task(args.queue)(function)
     print(f"backchannel worker: {args.function} on queue {args.queue}", file=sys.stderr)
     worker.run()

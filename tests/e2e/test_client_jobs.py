@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
-from backchannel.client import AsyncClient, Client, JobContext, JobFailed, Worker
+from backchannel.client import (
+    AsyncClient,
+    Client,
+    Completion,
+    Failure,
+    HubError,
+    JobBatchError,
+    JobContext,
+    JobFailed,
+    JobHandle,
+    RetryPolicy,
+    Worker,
+)
 
 from .conftest import HubProcess, on_every_store
 
@@ -184,3 +199,104 @@ def test_a_task_returning_non_json_fails_its_job_and_the_worker_goes_on(hub: Hub
         assert good.result(timeout=20) == 5
     worker.stop()
     assert calls == [0, 5]
+
+
+# -- many jobs ----------------------------------------------------------------------------------
+
+
+def test_submit_many_then_wait_all_with_a_batching_worker(hub: HubProcess) -> None:
+    worker = start_worker(hub, {"square": lambda payload: payload["n"] ** 2}, concurrency=3)
+    with Client(hub.url) as client:
+        handles = client.submit_many("square", [{"n": n} for n in range(250)], batch_size=100)
+        assert [h.last.state for h in handles[:3]] == ["queued"] * 3
+        finished = client.wait_all(handles, timeout=60)
+        assert [job.result for job in finished] == [n * n for n in range(250)]
+        assert all(h.last is job for h, job in zip(handles, finished, strict=True))
+        # Already finished: as_finished yields them at once, without a stream.
+        assert {job.id for job in client.as_finished(handles)} == {h.id for h in handles}
+    worker.stop()
+    assert worker.done == 250
+
+
+def test_submit_many_reports_refused_jobs_and_keeps_the_others(
+    hub_factory: type[HubProcess],
+) -> None:
+    hub = hub_factory("--max-message-bytes", "100").start()
+    with Client(hub.url) as client:
+        with pytest.raises(JobBatchError) as info:
+            client.submit_many("q", [1, "x" * 200, 3], idempotency_keys=["a", "b", "c"])
+        handles, errors = info.value.handles, info.value.errors
+        assert [h is None for h in handles] == [False, True, False]
+        assert (errors[1].status, errors[1].slug) == (413, "message-too-large")
+        # The keys make the same batch, sent again, return the same jobs.
+        again = client.submit_many("q", [1, 3], idempotency_keys=["a", "c"])
+        assert [h.id for h in again] == [handles[0].id, handles[2].id]
+
+
+def test_claim_many_and_finish_many_by_hand(hub: HubProcess) -> None:
+    with Client(hub.url) as client:
+        handles = client.submit_many("manual", [1, 2, 3, 4])
+        jobs = client.claim_many("manual", limit=3, wait=1)
+        assert [job.payload for job in jobs] == [1, 2, 3] and all(job.lease for job in jobs)
+        stolen = dataclasses.replace(jobs[2], lease="not-the-lease")
+        answers = client.finish_many(
+            "manual",
+            [
+                Completion(jobs[0], {"ok": 1}),
+                Failure(jobs[1], "boom", retry=False),
+                Completion(stolen, 0),
+            ],
+        )
+        assert [(a.state, a.error and a.error.slug) for a in answers] == [
+            ("succeeded", None),
+            ("dead", None),
+            (None, "lease-lost"),
+        ]
+        assert client.finish_many("manual", []) == []
+        # After its timeout, wait_all gives the unfinished jobs as last seen (here: submitted).
+        after = client.wait_all(handles, timeout=0.5)
+        assert [job.state for job in after] == ["succeeded", "dead", "queued", "queued"]
+        assert after[0].result == {"ok": 1} and after[1].error == "boom"
+        (last,) = client.claim_many("manual", limit=5, wait=0)
+        assert last.id == handles[3].id
+        unknown = dataclasses.replace(handles[0].last, id="0" * 32, state="queued")
+        with pytest.raises(HubError) as missing:
+            list(client.as_finished([JobHandle(client, unknown)]))
+        assert missing.value.slug == "job-not-found"
+
+
+async def test_async_twins_for_many_jobs(hub: HubProcess) -> None:
+    async with AsyncClient(hub.url) as client:
+        handles = await client.submit_many("twins", [{"n": n} for n in range(5)])
+        jobs = await client.claim_many("twins", limit=10, wait=1)
+        assert [job.payload for job in jobs] == [{"n": n} for n in range(5)]
+        answers = await client.finish_many(
+            "twins", [Completion(job, job.payload["n"]) for job in jobs]
+        )
+        assert all(answer.state == "succeeded" for answer in answers)
+        seen = [job.result async for job in client.as_finished(handles)]
+        assert sorted(seen) == list(range(5))
+        assert [job.result for job in await client.wait_all(handles)] == list(range(5))
+
+
+def test_wait_all_carries_on_across_a_hub_restart(hub_factory: type[HubProcess]) -> None:
+    hub = hub_factory().start()
+    port = urlsplit(hub.url).port
+    retry = RetryPolicy(attempts=1, base=0.05, cap=0.2)
+    with Client(hub.url, retry=retry, breaker=None) as client:
+        handles = client.submit_many("restart", list(range(20)))
+        outcome: list[object] = []
+        waiting = threading.Thread(
+            target=lambda: outcome.append(client.wait_all(handles, timeout=60)), daemon=True
+        )
+        waiting.start()
+        time.sleep(0.3)  # the stream is open, every job still queued
+        hub.kill()
+        time.sleep(0.3)
+        hub.start("--port", str(port))
+        worker = start_worker(hub, {"restart": lambda payload: payload * 10})
+        waiting.join(60)
+        worker.stop()
+    assert outcome, "wait_all did not return"
+    finished = outcome[0]
+    assert [job.result for job in finished] == [n * 10 for n in range(20)]  # type: ignore[attr-defined]

@@ -1,9 +1,10 @@
 """schemathesis against a running hub's own /openapi.json: no 5xx, and every answer conforms to
 the document (status, content type, headers, body schema), for valid and invalid input alike.
 
-The event streams (``channel_events``, ``multi_events``, ``job_events``) are left out: a valid
-request to them never ends, and schemathesis reads whole bodies. Their bad input answers like
-every other route's, through the same parsers (tests/server covers them).
+The event streams (``channel_events``, ``multi_events``, ``job_events``, and ``jobs_events``
+in its GET and POST forms) are left out: a valid request to them does not end (the jobs'
+streams only once their jobs finish), and schemathesis reads whole bodies. Their bad input
+answers like every other route's, through the same parsers (tests/server covers them).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ HERE = Path(__file__).parent
 SEED = os.environ.get("BACKCHANNEL_FUZZ_SEED", "20261128")
 #: Examples per operation: about 20 s here for the 16 operations.
 MAX_EXAMPLES = os.environ.get("BACKCHANNEL_FUZZ_EXAMPLES", "25")
-STREAMS = ("channel_events", "multi_events", "job_events")
+STREAMS = ("channel_events", "multi_events", "job_events", "jobs_events", "jobs_events_of_body")
 
 
 def test_the_api_conforms_to_its_openapi_document(

@@ -12,13 +12,18 @@ from backchannel import Settings, create_app
 from backchannel.store import MemoryStore
 
 segments = st.one_of(
-    st.sampled_from(["v1", "channels", "messages", "news", "problems", "docs", "healthz", ""]),
+    st.sampled_from(
+        [
+            *("v1", "channels", "messages", "news", "problems", "docs", "healthz", ""),
+            *("queues", "jobs", "batch", "claim", "results", "events", "0" * 32),
+        ]
+    ),
     st.text(max_size=12).map(lambda s: quote(s, safe="")),
     st.binary(max_size=6).map(lambda b: "".join(f"%{c:02X}" for c in b)),
 )
 queries = st.lists(
     st.tuples(
-        st.sampled_from(["after", "limit", "wait", "x"]),
+        st.sampled_from(["after", "limit", "wait", "x", "max", "id", "changes", "lease"]),
         st.one_of(st.text(max_size=20), st.integers(-5, 2000).map(str), st.just("0.01")),
     ),
     max_size=3,
@@ -80,7 +85,19 @@ def run(app, method: str, path: str, query: bytes, headers: list, body: bytes) -
     query=queries,
     content_type=content_types,
     key=st.one_of(st.none(), st.text(max_size=8)),
-    body=st.binary(max_size=64),
+    body=st.one_of(
+        st.binary(max_size=64),
+        st.sampled_from(
+            [
+                b'{"jobs": [{"payload": 1}, {"payload": [], "max_attempts": 2}, 7]}',
+                b'{"jobs": [{"payload": 1, "idempotency_key": ""}]}',
+                b'{"results": [{"id": "x", "lease": "y", "result": 1}, {"id": 1}]}',
+                b'{"results": [{"id": "' + b"0" * 32 + b'", "lease": "", "error": ""}]}',
+                b'{"ids": ["00000000000000000000000000000000", "x"], "changes": "all"}',
+                b'{"ids": "x"}',
+            ]
+        ),
+    ),
 )
 def test_no_input_gets_a_server_error(method, parts, query, content_type, key, body) -> None:  # type: ignore[no-untyped-def]
     app = create_app(Settings(max_wait=0.01), store=MemoryStore())
@@ -100,3 +117,7 @@ def test_channel_paths_reach_the_handlers() -> None:
     app = create_app(Settings(), store=MemoryStore())
     assert run(app, "POST", "/v1/channels/news/messages", b"", [], b"x") == 201
     assert run(app, "GET", "/v1/channels/news/messages", b"wait=0.01", [], b"") == 200
+    batch = b'{"jobs": [{"payload": 1}]}'
+    assert run(app, "POST", "/v1/queues/news/jobs/batch", b"", [], batch) == 200
+    assert run(app, "POST", "/v1/queues/news/claim", b"max=2", [], b"") == 200
+    assert run(app, "POST", "/v1/queues/news/results", b"", [], b'{"results": []}') == 200

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -10,9 +11,11 @@ from pathlib import Path
 import pytest
 
 from backchannel.core import jobs
+from backchannel.core import store as store_batch
 from backchannel.core.jobs import Job, JobState
-from backchannel.core.store import Store
+from backchannel.core.store import JobBatchStore, Store
 from backchannel.store import MemoryStore, RedisStore, SQLiteStore
+from backchannel.store import sqlite as sqlite_store
 
 from ..redis_server import RedisServer, new_prefix
 
@@ -144,3 +147,162 @@ async def test_sqlite_jobs_survive_a_restart(tmp_path: Path) -> None:
         assert replayed and replay.id == made.id
     finally:
         await reopened.close()
+
+
+# -- batches (JobBatchStore, and the fallbacks for a store without it) -------------------------
+
+
+class SingleItemStore:
+    """A memory store seen only through the single-item methods of ``Store``: what the fallbacks
+    in ``core.store`` run against (a store written before the batch methods existed)."""
+
+    def __init__(self) -> None:
+        self._inner = MemoryStore(idempotency_ttl_ms=60_000)
+
+    def __getattr__(self, name: str) -> object:
+        if name in {"job_create_many", "job_update_many", "job_get_many"} | {
+            "job_claim",
+            "job_change_many",
+        }:
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
+@pytest.fixture(params=["memory", "sqlite", "single-item"])
+async def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    s: Store
+    if request.param == "memory":
+        s = MemoryStore(idempotency_ttl_ms=60_000)
+    elif request.param == "sqlite":
+        s = SQLiteStore(tmp_path / "hub.db", idempotency_ttl_ms=60_000)
+    else:
+        s = SingleItemStore()  # type: ignore[assignment]
+    await s.open()
+    assert isinstance(s, JobBatchStore) == (request.param != "single-item")
+    yield s
+    await s.close()
+
+
+async def test_create_many_keys_within_and_across_batches(any_store: Store) -> None:
+    first, _ = await any_store.job_create(job(), idempotency_key="old", now_ms=T0)
+    a, b, c, d = job(), job(), job(), job("other")
+    made = await store_batch.job_create_many(
+        any_store, [(a, "new"), (b, "old"), (c, "new"), (d, "new")], now_ms=T0 + 1
+    )
+    assert made == [(a, False), (first, True), (a, True), (d, False)]  # keys are per queue
+    assert await store_batch.job_get_many(any_store, [a.id, c.id, d.id, a.id]) == [a, None, d, a]
+
+
+async def test_claim_takes_in_order_up_to_count_and_stores_what_take_returns(
+    any_store: Store,
+) -> None:
+    queued = [
+        (await any_store.job_create(job(now=T0 + i), idempotency_key=None, now_ms=T0))[0]
+        for i in range(5)
+    ]
+    expiring = jobs.claimed(queued[0], T0, 1000)
+    assert await any_store.job_update(expiring)
+    seen: list[str] = []
+
+    def take(candidate: Job) -> Job | None:
+        seen.append(candidate.id)
+        if candidate.id == queued[2].id:
+            return None  # left alone: not taken, not counted
+        if candidate.state is JobState.RUNNING:
+            return jobs.expired(candidate, T0 + 5000)  # back to the queue: stored, not running
+        return jobs.claimed(candidate, T0 + 5000, LEASE)
+
+    stored = await store_batch.job_claim(any_store, "q", now_ms=T0 + 5000, count=3, take=take)
+    assert seen[:4] == [q.id for q in queued[1:]]  # queued first, oldest first
+    assert [j.id for j in stored] == [queued[1].id, queued[3].id, queued[4].id]
+    assert all(j.state is JobState.RUNNING for j in stored)
+    assert (await any_store.job_get(queued[2].id)) == queued[2]
+    rest = await store_batch.job_claim(any_store, "q", now_ms=T0 + 5000, count=3, take=take)
+    assert [(j.id, j.state) for j in rest] == [(queued[0].id, JobState.QUEUED)]
+
+
+async def test_change_many_applies_in_order_and_a_repeated_id_sees_the_change(
+    any_store: Store,
+) -> None:
+    made, _ = await any_store.job_create(job(), idempotency_key=None, now_ms=T0)
+    running = jobs.claimed(made, T0, LEASE)
+    assert await any_store.job_update(running)
+    lease = running.lease or ""
+    seen: list[tuple[int, int | None]] = []
+
+    def change(i: int, current: Job | None) -> Job | None:
+        seen.append((i, None if current is None else current.version))
+        if current is None:
+            return None
+        if i == 0:
+            return jobs.progressed(current, lease, b"1", T0 + 1)
+        return jobs.completed(current, lease, b'"done"', T0 + 2)
+
+    out = await store_batch.job_change_many(any_store, [made.id, "0" * 32, made.id], change)
+    assert seen == [(0, 2), (1, None), (2, 3)]
+    assert out[1] is None and out[0] is not None and out[2] is not None
+    assert (out[0].version, out[2].version, out[2].state) == (3, 4, JobState.SUCCEEDED)
+    assert await any_store.job_get(made.id) == out[2]
+
+
+async def test_update_many_is_compare_and_set_per_item(any_store: Store) -> None:
+    a, _ = await any_store.job_create(job(), idempotency_key=None, now_ms=T0)
+    b, _ = await any_store.job_create(job(), idempotency_key=None, now_ms=T0)
+    a1, b1 = jobs.claimed(a, T0, LEASE), jobs.claimed(b, T0, LEASE)
+    assert await store_batch.job_update_many(any_store, [a1, jobs.claimed(a, T0, LEASE), b1]) == [
+        True,
+        False,
+        True,
+    ]
+    assert await store_batch.job_get_many(any_store, [a.id, b.id]) == [a1, b1]
+
+
+async def test_listeners_hear_a_batch_once_per_stored_change(any_store: Store) -> None:
+    heard: list[tuple[str, int]] = []
+    any_store.add_job_listener(lambda j: heard.append((j.id, j.version)))
+    a, b = job(), job()
+    await store_batch.job_create_many(any_store, [(a, "k"), (b, "k")], now_ms=T0)
+    claimed = await store_batch.job_claim(
+        any_store, "q", now_ms=T0, count=5, take=lambda j: jobs.claimed(j, T0, LEASE)
+    )
+    for _ in range(50):
+        await asyncio.sleep(0)
+        if len(heard) == 2:
+            break
+    assert heard == [(a.id, 1), (a.id, 2)] and [j.id for j in claimed] == [a.id]
+
+
+async def test_sqlite_candidates_use_the_partial_indexes(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "hub.db")
+    await store.open()
+    await store.close()
+    conn = sqlite3.connect(tmp_path / "hub.db")
+    try:
+        plan = " ".join(
+            str(row[3])
+            for row in conn.execute(
+                "EXPLAIN QUERY PLAN " + sqlite_store._JOB_CANDIDATES, ("q", 5, T0, "q", 5, 5)
+            )
+        )
+        indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    finally:
+        conn.close()
+    # Claims walk the queued jobs in order and read only the leases that ran out.
+    assert "INDEX jobs_queued" in plan and "INDEX jobs_leased" in plan
+    assert "jobs_waiting" not in indexes and "jobs_lease" not in indexes
+
+
+async def test_a_batch_is_claimed_in_the_order_it_was_submitted(any_store: Store) -> None:
+    early, _ = await any_store.job_create(job(now=T0 - 5), idempotency_key=None, now_ms=T0)
+    batch = [job(now=T0) for _ in range(30)]  # one millisecond: the ids alone do not order them
+    await store_batch.job_create_many(any_store, [(j, None) for j in batch], now_ms=T0)
+    running = jobs.claimed(early, T0, LEASE)
+    assert await any_store.job_update(running)
+    back = jobs.failed(running, running.lease or "", "retry me", True, T0 + 1)
+    assert await any_store.job_update(back)  # put back: still the oldest
+
+    def take(candidate: Job) -> Job | None:
+        return jobs.claimed(candidate, T0 + 2, LEASE)
+
+    taken = await store_batch.job_claim(any_store, "q", now_ms=T0 + 2, count=31, take=take)
+    assert [j.id for j in taken] == [early.id] + [j.id for j in batch]

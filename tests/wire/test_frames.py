@@ -901,9 +901,7 @@ class TwoPeers(RuleBasedStateMachine):
     @precondition(lambda self: self.server.state is State.AWAITING_WELCOME)
     @rule(max_frame=st.sampled_from([DEFAULT_MAX_FRAME, 200]))
     def server_welcomes(self, max_frame: int) -> None:
-        self._send(
-            self.server, Welcome(version=VERSIONS[-1], max_frame=max_frame, server="test")
-        )
+        self._send(self.server, Welcome(version=VERSIONS[-1], max_frame=max_frame, server="test"))
 
     @precondition(lambda self: self.client.state is State.OPEN and not self.client_hung_up)
     @rule(frame=client_commands)

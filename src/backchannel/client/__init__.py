@@ -12,7 +12,16 @@ from .errors import (
     ProtocolViolation,
     Unauthorized,
 )
-from .jobs import AsyncJobHandle, Job, JobFailed, JobHandle
+from .jobs import (
+    AsyncJobHandle,
+    Completion,
+    Failure,
+    Finished,
+    Job,
+    JobBatchError,
+    JobFailed,
+    JobHandle,
+)
 from .models import Message, Page, Published
 from .resilience import BreakerState, CircuitBreaker, Resilience, RetryPolicy
 from .sync import Client, Subscription
@@ -29,11 +38,15 @@ __all__ = [
     "CircuitOpen",
     "Client",
     "ClientError",
+    "Completion",
+    "Failure",
+    "Finished",
     "Forbidden",
     "HubError",
     "HubTimeout",
     "HubUnreachable",
     "Job",
+    "JobBatchError",
     "JobContext",
     "JobFailed",
     "JobHandle",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -17,7 +17,15 @@ from urllib.parse import quote, urlsplit
 import httpx
 import orjson
 
-from .errors import ClientError, HubTimeout, HubUnreachable, ProtocolViolation, hub_error
+from .errors import (
+    ClientError,
+    HubError,
+    HubTimeout,
+    HubUnreachable,
+    ProtocolViolation,
+    hub_error,
+)
+from .jobs import Completion, Failure, Finished, Job
 from .models import Message, Page, Published
 from .resilience import CircuitBreaker, Resilience, RetryPolicy
 
@@ -27,6 +35,13 @@ VIAS = ("sse", "ws", "tcp", "longpoll", "poll")
 #: A bearer token, or a function that returns the current one (called for every request and
 #: every connection, so it can hand out a fresh token when the last one expires).
 Token = str | Callable[[], str]
+
+#: Jobs per batch request (the hub's default job_max_batch), and ids per stream of many jobs
+#: (its default job_max_watch).
+BATCH_SIZE = 1000
+WATCH_SIZE = 10_000
+#: Seconds a stream of jobs may stay silent: the hub sends a heartbeat every 15 s.
+STREAM_READ_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +225,97 @@ class BaseClient:
         headers = {"content-type": "application/json"}
         return Call("POST", path, safe, headers=headers, content=orjson.dumps(body))
 
+    def submit_batch_call(
+        self,
+        queue: str,
+        payloads: Sequence[Any],
+        keys: Sequence[str],
+        max_attempts: int | None,
+    ) -> Call:
+        items: list[dict[str, Any]] = [
+            {"payload": payload, "idempotency_key": key}
+            for payload, key in zip(payloads, keys, strict=True)
+        ]
+        if max_attempts is not None:
+            for item in items:
+                item["max_attempts"] = max_attempts
+        path = f"/v1/queues/{quote(queue, safe='')}/jobs/batch"
+        headers = {"content-type": "application/json"}
+        # Safe to send again: every item carries an Idempotency-Key.
+        return Call("POST", path, True, headers=headers, content=orjson.dumps({"jobs": items}))
+
+    @staticmethod
+    def batch_keys(count: int, keys: Sequence[str] | None) -> list[str]:
+        """The items' idempotency keys: the caller's, or new unique ones."""
+        if keys is not None:
+            if len(keys) != count:
+                raise ValueError("give one idempotency key per payload")
+            return list(keys)
+        prefix = uuid.uuid4().hex
+        return [f"{prefix}-{i}" for i in range(count)]
+
+    def submitted_batch(self, response: httpx.Response) -> list[Job | HubError]:
+        """Per item of a batch submit: the job, or the hub's refusal."""
+        document = self.json_of(response)
+        try:
+            return [
+                Job.from_document(item["job"]) if "job" in item else _item_error(item)
+                for item in document["jobs"]
+            ]
+        except (KeyError, TypeError) as exc:
+            raise ProtocolViolation(f"not a batch answer: {str(document)[:200]}") from exc
+
+    def claim_many_call(self, queue: str, limit: int, wait: float, lease: float | None) -> Call:
+        call = self.claim_call(queue, wait, lease)
+        return dataclasses.replace(call, params={**call.params, "max": str(limit)})
+
+    def claimed_batch(self, response: httpx.Response) -> list[Job]:
+        document = self.json_of(response)
+        try:
+            return [Job.from_document(item) for item in document["jobs"]]
+        except (KeyError, TypeError) as exc:
+            raise ProtocolViolation(f"not a claim answer: {str(document)[:200]}") from exc
+
+    def finish_call(self, queue: str, outcomes: Sequence[Completion | Failure]) -> Call:
+        items: list[dict[str, Any]] = []
+        for outcome in outcomes:
+            if isinstance(outcome, Completion):
+                items.append(
+                    {"id": outcome.job.id, "lease": outcome.job.lease, "result": outcome.result}
+                )
+            else:
+                items.append(
+                    {
+                        "id": outcome.job.id,
+                        "lease": outcome.job.lease,
+                        "error": outcome.error,
+                        "retry": outcome.retry,
+                    }
+                )
+        path = f"/v1/queues/{quote(queue, safe='')}/results"
+        headers = {"content-type": "application/json"}
+        # Not retried, as a single completion: the answer to a repeat would be lease-lost.
+        return Call("POST", path, False, headers=headers, content=orjson.dumps({"results": items}))
+
+    def finished_batch(self, response: httpx.Response) -> list[Finished]:
+        document = self.json_of(response)
+        try:
+            return [
+                Finished(id=item["id"], state=item["state"], version=item["version"])
+                if "problem" not in item
+                else Finished(id=item["id"], error=_item_error(item))
+                for item in document["results"]
+            ]
+        except (KeyError, TypeError) as exc:
+            raise ProtocolViolation(f"not a results answer: {str(document)[:200]}") from exc
+
+    def watch_request(self, ids: Sequence[str], changes: str, wait: float | None) -> Call:
+        read = STREAM_READ_TIMEOUT if wait is None else max(0.001, min(wait, STREAM_READ_TIMEOUT))
+        timeout = httpx.Timeout(self.timeout.connect, read=read, write=self.timeout.write)
+        headers = {"content-type": "application/json", "accept": "text/event-stream"}
+        body = orjson.dumps({"ids": list(ids), "changes": changes})
+        return Call("POST", "/v1/jobs/events", True, headers=headers, content=body, timeout=timeout)
+
     def _longer(self, wait: float) -> httpx.Timeout:
         """The client's timeout, with a read long enough for a request the hub holds."""
         read = (self.timeout.read or 0) + wait
@@ -257,3 +363,8 @@ class BaseClient:
             return Page(messages, document["next_after"])
         except (KeyError, TypeError) as exc:
             raise ProtocolViolation(f"not a page: {str(document)[:200]}") from exc
+
+
+def _item_error(item: Any) -> HubError:
+    problem = item["problem"]
+    return HubError(int(item["status"]), problem if isinstance(problem, dict) else {})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import httpx
@@ -14,9 +14,17 @@ import websockets.exceptions
 from ..wire import format_id
 from ..wire import frames as f
 from ..wire.sse import EventParser
-from ._base import BaseClient, Call, channel_path, translate
-from .errors import ClientError, HubUnreachable, ProtocolViolation
-from .jobs import AsyncJobHandle, Job
+from ._base import BATCH_SIZE, WATCH_SIZE, BaseClient, Call, channel_path, translate
+from .errors import ClientError, HubError, HubTimeout, HubUnreachable, ProtocolViolation
+from .jobs import (
+    AsyncJobHandle,
+    Completion,
+    Failure,
+    Finished,
+    Job,
+    JobBatchError,
+    Watching,
+)
 from .models import Message, Page, Published
 from .resilience import BreakerState
 from .subscription import (
@@ -192,6 +200,121 @@ class AsyncClient(BaseClient):
     async def _worker(self, job: Job, action: str, body: dict[str, Any]) -> Job:
         answer = self.json_of(await self._call(self.worker_call(job.id, action, body)))
         return Job.from_document(answer)
+
+    # -- many jobs ----------------------------------------------------------------------------
+
+    async def submit_many(
+        self,
+        queue: str,
+        payloads: Iterable[Any],
+        *,
+        idempotency_keys: Sequence[str] | None = None,
+        max_attempts: int | None = None,
+        batch_size: int = BATCH_SIZE,
+    ) -> list[AsyncJobHandle]:
+        """See :meth:`.sync.Client.submit_many`."""
+        items = list(payloads)
+        keys = self.batch_keys(len(items), idempotency_keys)
+        handles: list[AsyncJobHandle | None] = []
+        errors: dict[int, HubError] = {}
+        for start in range(0, len(items), batch_size):
+            end = start + batch_size
+            call = self.submit_batch_call(queue, items[start:end], keys[start:end], max_attempts)
+            for outcome in self.submitted_batch(await self._call(call)):
+                if isinstance(outcome, HubError):
+                    errors[len(handles)] = outcome
+                    handles.append(None)
+                else:
+                    handles.append(AsyncJobHandle(self, outcome))
+        if errors:
+            raise JobBatchError(handles, errors)
+        return [handle for handle in handles if handle is not None]
+
+    async def as_finished(
+        self,
+        handles: Iterable[AsyncJobHandle],
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - the twin's API
+    ) -> AsyncIterator[Job]:
+        """See :meth:`.sync.Client.as_finished`."""
+        watching = Watching(handles, self.resilience, self.reconnect_limit)
+        for done in watching.finished:
+            yield done
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while watching.waiting:
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                return
+            try:
+                ids = watching.next_ids(WATCH_SIZE)
+                async for kind, data in self._job_events(ids, "final", left):
+                    job = watching.event(kind, data)
+                    if job is not None:
+                        yield job
+                    if deadline is not None and loop.time() >= deadline:
+                        return
+                await self._sleep(watching.ended())
+            except HubTimeout:
+                if deadline is not None and loop.time() >= deadline:
+                    return
+                await self._sleep(watching.failed(HubTimeout("the stream of jobs went silent")))
+            except ClientError as error:
+                await self._sleep(watching.failed(error))
+
+    async def wait_all(
+        self,
+        handles: Iterable[AsyncJobHandle],
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - the twin's API
+    ) -> list[Job]:
+        """See :meth:`.sync.Client.wait_all`."""
+        handles = list(handles)
+        async for _ in self.as_finished(handles, timeout=timeout):
+            pass
+        return [handle.last for handle in handles]
+
+    async def _job_events(
+        self, ids: Sequence[str], changes: str, wait: float | None
+    ) -> AsyncIterator[tuple[str, str]]:
+        call = self.watch_request(ids, changes, wait)
+        http = self._http
+        request = http.build_request(
+            call.method, call.path, headers=dict(call.headers), content=call.content,
+            timeout=call.timeout,
+        )  # fmt: skip
+        try:
+            response = await http.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise translate(exc, self.url) from exc
+        try:
+            if response.status_code >= 400:
+                await response.aread()
+                self.outcome(response)
+            parser = EventParser()
+            async for chunk in response.aiter_raw():
+                parser.receive_data(chunk)
+                for event in parser.events():
+                    yield event.event, event.data
+        except httpx.HTTPError as exc:
+            raise translate(exc, self.url) from exc
+        finally:
+            await response.aclose()
+
+    async def claim_many(
+        self, queue: str, *, limit: int, wait: float = 30.0, lease: float | None = None
+    ) -> list[Job]:
+        """See :meth:`.sync.Client.claim_many`."""
+        call = self.claim_many_call(queue, limit, wait, lease)
+        return self.claimed_batch(await self._call(call))
+
+    async def finish_many(
+        self, queue: str, outcomes: Sequence[Completion | Failure]
+    ) -> list[Finished]:
+        """See :meth:`.sync.Client.finish_many`."""
+        if not outcomes:
+            return []
+        return self.finished_batch(await self._call(self.finish_call(queue, outcomes)))
 
     def subscribe(
         self,

@@ -4,6 +4,11 @@
 :class:`~.aio.AsyncClient`): ``status()`` short-polls, ``wait()`` long-polls until the job
 finishes, ``result()`` waits and returns the result (or raises :class:`JobFailed`),
 ``progress()`` yields each new version as it happens, ``cancel()`` cancels.
+
+Many jobs: ``client.submit_many(queue, payloads)`` returns handles from one request per
+thousand jobs, and ``client.as_finished(handles)`` / ``client.wait_all(handles)`` follow them
+all over one event stream (:class:`Watching` holds what the twins share). Workers report many
+jobs at once with ``client.finish_many(queue, [Completion(job, result), Failure(job, error)])``.
 """
 
 from __future__ import annotations
@@ -14,7 +19,10 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import ClientError, ProtocolViolation
+import orjson
+
+from .errors import ClientError, HubError, HubUnreachable, ProtocolViolation
+from .resilience import Resilience, is_retryable
 
 if TYPE_CHECKING:
     from .aio import AsyncClient
@@ -75,6 +83,111 @@ class Job:
             )
         except (KeyError, TypeError) as exc:
             raise ProtocolViolation(f"not a job: {str(document)[:200]}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A job a worker completed, with its result (any JSON value)."""
+
+    job: Job
+    result: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A job a worker failed: retried while attempts are left, unless ``retry`` is False."""
+
+    job: Job
+    error: str
+    retry: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Finished:
+    """The hub's answer for one job of :meth:`~.sync.Client.finish_many`: the job's new state
+    and version, or the error that refused the item (``lease-lost``, ``job-not-found``...)."""
+
+    id: str | None
+    state: str | None = None
+    version: int | None = None
+    error: HubError | None = None
+
+
+class JobBatchError(ClientError):
+    """Some jobs of a batch submit were refused. ``handles`` has a handle for each payload that
+    was accepted and None for each refused one; ``errors`` maps the index of each refused
+    payload to the hub's refusal."""
+
+    def __init__(self, handles: list[Any], errors: dict[int, HubError]) -> None:
+        self.handles = handles
+        self.errors = errors
+        first = min(errors)
+        super().__init__(f"{len(errors)} of {len(handles)} jobs refused; #{first}: {errors[first]}")
+
+
+class Watching:
+    """What ``as_finished`` does between events, sync or async: which handles still wait, which
+    ids the next stream asks for, and how long to wait before asking again after a failure.
+
+    The hub's stream of many jobs sends a job that finished before the stream opened at once,
+    and registers before it reads: a stream opened again with the ids still waiting misses
+    nothing."""
+
+    def __init__(self, handles: Any, resilience: Resilience, reconnect_limit: int | None) -> None:
+        self.resilience = resilience
+        self.reconnect_limit = reconnect_limit
+        self.finished: list[Job] = []
+        self.waiting: dict[str, list[Any]] = {}
+        for handle in handles:
+            if handle.last.finished:
+                self.finished.append(handle.last)
+            else:
+                self.waiting.setdefault(handle.id, []).append(handle)
+        self.asked: list[str] = []
+        self.failures = 0
+
+    def next_ids(self, size: int) -> list[str]:
+        self.asked = list(self.waiting)[:size]
+        return self.asked
+
+    def event(self, kind: str, data: str) -> Job | None:
+        """The job an event says has finished (its handles updated), or None."""
+        document = _loads(data)
+        if kind == "problem":
+            raise HubError(404, document if isinstance(document, dict) else {})
+        job = Job.from_document(document)
+        self.failures = 0
+        if not job.finished:
+            return None
+        handles = self.waiting.pop(job.id, None)
+        if handles is None:
+            return None
+        for handle in handles:
+            handle.last = job
+        return job
+
+    def ended(self) -> float:
+        """The delay before the next stream: none once the ids asked for have all finished."""
+        if not any(job_id in self.waiting for job_id in self.asked):
+            return 0.0
+        return self.failed(HubUnreachable("the hub ended the stream early (shutting down?)"))
+
+    def failed(self, error: ClientError) -> float:
+        """The delay before opening the stream again after ``error``; raises it when it is
+        final (the hub refused the request, or it failed ``reconnect_limit`` times in a row)."""
+        if not is_retryable(error):
+            raise error
+        self.failures += 1
+        if self.reconnect_limit is not None and self.failures > self.reconnect_limit:
+            raise error
+        return self.resilience.retry.delay(self.failures, error, self.resilience.rand)
+
+
+def _loads(data: str) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolViolation(f"the hub sent an event that is not JSON: {exc}") from None
 
 
 def outcome(job: Job) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import httpx
@@ -16,9 +16,16 @@ import websockets.sync.client
 from ..wire import format_id
 from ..wire import frames as f
 from ..wire.sse import EventParser
-from ._base import BaseClient, Call, channel_path, translate
-from .errors import ClientError, HubUnreachable, ProtocolViolation, hub_error
-from .jobs import Job, JobHandle
+from ._base import BATCH_SIZE, WATCH_SIZE, BaseClient, Call, channel_path, translate
+from .errors import (
+    ClientError,
+    HubError,
+    HubTimeout,
+    HubUnreachable,
+    ProtocolViolation,
+    hub_error,
+)
+from .jobs import Completion, Failure, Finished, Job, JobBatchError, JobHandle, Watching
 from .models import Message, Page, Published
 from .resilience import BreakerState
 from .subscription import (
@@ -192,6 +199,117 @@ class Client(BaseClient):
     def _worker(self, job: Job, action: str, body: dict[str, Any]) -> Job:
         answer = self.json_of(self._call(self.worker_call(job.id, action, body)))
         return Job.from_document(answer)
+
+    # -- many jobs ----------------------------------------------------------------------------
+
+    def submit_many(
+        self,
+        queue: str,
+        payloads: Iterable[Any],
+        *,
+        idempotency_keys: Sequence[str] | None = None,
+        max_attempts: int | None = None,
+        batch_size: int = BATCH_SIZE,
+    ) -> list[JobHandle]:
+        """Submit a job per payload, ``batch_size`` per request, and return their handles in
+        order. Each job gets an ``Idempotency-Key`` (yours, or a new one), so a batch whose
+        answer was lost is sent again without duplicates. Raises :class:`JobBatchError` after
+        the last batch if the hub refused some jobs."""
+        items = list(payloads)
+        keys = self.batch_keys(len(items), idempotency_keys)
+        handles: list[JobHandle | None] = []
+        errors: dict[int, HubError] = {}
+        for start in range(0, len(items), batch_size):
+            end = start + batch_size
+            call = self.submit_batch_call(queue, items[start:end], keys[start:end], max_attempts)
+            for outcome in self.submitted_batch(self._call(call)):
+                if isinstance(outcome, HubError):
+                    errors[len(handles)] = outcome
+                    handles.append(None)
+                else:
+                    handles.append(JobHandle(self, outcome))
+        if errors:
+            raise JobBatchError(handles, errors)
+        return [handle for handle in handles if handle is not None]
+
+    def as_finished(
+        self, handles: Iterable[JobHandle], *, timeout: float | None = None
+    ) -> Iterator[Job]:
+        """Each job once it has finished, as it finishes (those already finished first), over
+        one event stream for up to 10,000 jobs; each handle's ``last`` is updated. Stops after
+        ``timeout`` seconds, possibly before every job has finished. The stream is opened again
+        (with backoff) when it breaks, for the jobs still waiting: nothing is missed."""
+        watching = Watching(handles, self.resilience, self.reconnect_limit)
+        yield from watching.finished
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while watching.waiting:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return
+            try:
+                for kind, data in self._job_events(watching.next_ids(WATCH_SIZE), "final", left):
+                    job = watching.event(kind, data)
+                    if job is not None:
+                        yield job
+                    if deadline is not None and time.monotonic() >= deadline:
+                        return
+                self._sleep(watching.ended())
+            except HubTimeout:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return
+                self._sleep(watching.failed(HubTimeout("the stream of jobs went silent")))
+            except ClientError as error:
+                self._sleep(watching.failed(error))
+
+    def wait_all(self, handles: Iterable[JobHandle], *, timeout: float | None = None) -> list[Job]:
+        """The jobs once all have finished, in the order of ``handles``; after ``timeout``
+        seconds, the unfinished ones as last seen (each handle's ``last``: as submitted, unless
+        polled since). See :meth:`as_finished`."""
+        handles = list(handles)
+        for _ in self.as_finished(handles, timeout=timeout):
+            pass
+        return [handle.last for handle in handles]
+
+    def _job_events(
+        self, ids: Sequence[str], changes: str, wait: float | None
+    ) -> Iterator[tuple[str, str]]:
+        call = self.watch_request(ids, changes, wait)
+        http = self._http
+        request = http.build_request(
+            call.method, call.path, headers=dict(call.headers), content=call.content,
+            timeout=call.timeout,
+        )  # fmt: skip
+        try:
+            response = http.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise translate(exc, self.url) from exc
+        try:
+            if response.status_code >= 400:
+                response.read()
+                self.outcome(response)
+            parser = EventParser()
+            for chunk in response.iter_raw():
+                parser.receive_data(chunk)
+                for event in parser.events():
+                    yield event.event, event.data
+        except httpx.HTTPError as exc:
+            raise translate(exc, self.url) from exc
+        finally:
+            response.close()
+
+    def claim_many(
+        self, queue: str, *, limit: int, wait: float = 30.0, lease: float | None = None
+    ) -> list[Job]:
+        """Workers: up to ``limit`` jobs of ``queue``, each leased to the caller, in one
+        request; waiting up to ``wait`` seconds for the first. Empty if none came."""
+        return self.claimed_batch(self._call(self.claim_many_call(queue, limit, wait, lease)))
+
+    def finish_many(self, queue: str, outcomes: Sequence[Completion | Failure]) -> list[Finished]:
+        """Workers: complete or fail many jobs of ``queue`` in one request. Each item succeeds
+        or fails on its own: the answer has a :class:`Finished` per item, in order."""
+        if not outcomes:
+            return []
+        return self.finished_batch(self._call(self.finish_call(queue, outcomes)))
 
     # -- subscriptions ------------------------------------------------------------------------
 

@@ -67,7 +67,12 @@ class ChannelInfo:
 
 def check_idempotency_key(key: str) -> None:
     """Refuse an Idempotency-Key that is empty, too long, or not visible ASCII."""
-    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH or not all("!" <= c <= "~" for c in key):
+    # Visible ASCII is "!" to "~": printable ASCII but the space.
+    if (
+        not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH
+        or not (key.isascii() and key.isprintable())
+        or " " in key
+    ):
         raise InvalidRequest(
             "invalid-idempotency-key",
             f"an Idempotency-Key is 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} visible ASCII characters",

@@ -24,10 +24,12 @@ never runs again.
 from __future__ import annotations
 
 import enum
+import os
 import re
 import secrets
-import uuid
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 from .errors import BackchannelError, InvalidRequest
 
@@ -42,9 +44,13 @@ class JobState(enum.Enum):
     CANCELLED = "cancelled"
     DEAD = "dead"
 
-    @property
-    def finished(self) -> bool:
-        return self in (JobState.SUCCEEDED, JobState.CANCELLED, JobState.DEAD)
+    #: A final state: nothing changes the job any more. (Set on each member below: a plain
+    #: attribute, read for every job of every batch, rather than a property.)
+    finished: bool
+
+
+for _state in JobState:
+    _state.finished = _state in (JobState.SUCCEEDED, JobState.CANCELLED, JobState.DEAD)
 
 
 class JobNotFound(BackchannelError):
@@ -80,8 +86,14 @@ class Job:
     cancel_requested: bool = False
 
 
-def new_job_id() -> str:
-    return uuid.uuid4().hex
+def new_job_id(now_ms: int) -> str:
+    """32 hex digits: the time in milliseconds (12), then 80 random bits. Ids made later sort
+    later, so a store's index of ids grows at one end instead of everywhere at once."""
+    return f"{now_ms & 0xFFFFFFFFFFFF:012x}{os.urandom(10).hex()}"
+
+
+def valid_job_id(job_id: str) -> bool:
+    return _JOB_ID.fullmatch(job_id) is not None
 
 
 def check_job_id(job_id: str) -> str:
@@ -94,7 +106,7 @@ def submitted(queue: str, payload: bytes, max_attempts: int, now_ms: int) -> Job
     if not 1 <= max_attempts <= 100:
         raise InvalidRequest("invalid-job", "max_attempts must be between 1 and 100")
     return Job(
-        id=new_job_id(),
+        id=new_job_id(now_ms),
         queue=queue,
         state=JobState.QUEUED,
         payload=payload,
@@ -105,19 +117,53 @@ def submitted(queue: str, payload: bytes, max_attempts: int, now_ms: int) -> Job
     )
 
 
-def _next(job: Job, now_ms: int, **changes: object) -> Job:
-    return replace(job, version=job.version + 1, updated_ms=now_ms, **changes)  # type: ignore[arg-type]
+def _next(job: Job, now_ms: int, **changes: Any) -> Job:
+    """The job's next version, with ``changes`` (names of fields that change).
+
+    Spelled out rather than ``dataclasses.replace``: a batch makes thousands of these, and
+    this is a third of the cost."""
+    assert changes.keys() <= _CHANGEABLE, changes.keys() - _CHANGEABLE
+    get = changes.get
+    return Job(
+        id=job.id,
+        queue=job.queue,
+        state=get("state", job.state),
+        payload=job.payload,
+        attempts=get("attempts", job.attempts),
+        max_attempts=job.max_attempts,
+        created_ms=job.created_ms,
+        updated_ms=now_ms,
+        version=job.version + 1,
+        progress=get("progress", job.progress),
+        result=get("result", job.result),
+        error=get("error", job.error),
+        lease=get("lease", job.lease),
+        lease_expires_ms=get("lease_expires_ms", job.lease_expires_ms),
+        cancel_requested=get("cancel_requested", job.cancel_requested),
+    )
 
 
-def claimed(job: Job, now_ms: int, lease_ms: int) -> Job:
-    """A queued job taken by a worker."""
+_CHANGEABLE = frozenset(
+    {"state", "attempts", "progress", "result", "error", "lease", "lease_expires_ms"}
+    | {"cancel_requested"}
+)
+
+
+def new_leases(count: int) -> Iterator[str]:
+    """``count`` new lease tokens, from one read of the system's random source."""
+    pool = os.urandom(16 * count).hex()
+    return (pool[i : i + 32] for i in range(0, len(pool), 32))
+
+
+def claimed(job: Job, now_ms: int, lease_ms: int, *, lease: str | None = None) -> Job:
+    """A queued job taken by a worker, under ``lease`` (a new token if None)."""
     assert job.state is JobState.QUEUED
     return _next(
         job,
         now_ms,
         state=JobState.RUNNING,
         attempts=job.attempts + 1,
-        lease=secrets.token_hex(16),
+        lease=lease or secrets.token_hex(16),
         lease_expires_ms=now_ms + lease_ms,
     )
 

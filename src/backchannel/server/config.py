@@ -87,6 +87,13 @@ class Settings:
     job_lease: float = _setting(30.0, "seconds a claim leases a job for, unless it says otherwise")
     job_max_lease: float = _setting(600.0, "longest lease a claim or heartbeat may ask for")
     job_retention: float = _setting(86_400.0, "seconds a finished job and its result are kept")
+    job_max_batch: int = _setting(
+        1000, "jobs in one batch submit, batch claim (max=) or batch of results (413 above)"
+    )
+    job_max_batch_bytes: int = _setting(
+        16_777_216, "largest body of a batch submit, batch of results or job watch (413 above)"
+    )
+    job_max_watch: int = _setting(10_000, "jobs one event stream of many jobs may follow")
     max_subscriptions: int = _setting(
         1000, "channels one WebSocket or TCP connection may subscribe to at once"
     )
@@ -200,6 +207,9 @@ class Settings:
             "max_token_bytes",
             "header_timeout",
             "max_header_bytes",
+            "job_max_batch",
+            "job_max_batch_bytes",
+            "job_max_watch",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -280,6 +290,8 @@ class Settings:
             max_wait=self.max_wait,
             retention=self.job_retention,
             max_waiting=self.max_long_polls,
+            max_batch=self.job_max_batch,
+            max_watch=self.job_max_watch,
         )
 
     @property

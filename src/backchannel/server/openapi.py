@@ -374,6 +374,107 @@ def build(settings: Settings) -> dict[str, Any]:
             },
         },
     }
+    job_details[("POST", "/v1/queues/{queue}/claim")]["responses"].update(
+        _problems("batch-too-large")
+    )
+    job_details[("POST", "/v1/queues/{queue}/claim")]["parameters"].append(
+        {
+            "name": "max",
+            "in": "query",
+            "required": False,
+            "description": 'A batch: up to this many jobs, answered as {"jobs": [...]} '
+            "(200, empty when none came in time) instead of one job or 204.",
+            "schema": {"type": "integer", "minimum": 1, "maximum": settings.job_max_batch},
+        }
+    )
+    job_details[("POST", "/v1/queues/{queue}/claim")]["responses"]["200"] = _json(
+        # anyOf: a Job has no required fields, so {"jobs": [...]} is one as well.
+        {"anyOf": [_ref("Job"), _ref("ClaimedJobs")]},
+        "The job; with max=, the jobs",
+    )
+    batch_problems = _problems(
+        "invalid-channel",
+        "malformed-json",
+        "invalid-job",
+        "message-too-large",
+        "batch-too-large",
+        "unsupported-media-type",
+    )
+    job_details[("POST", "/v1/queues/{queue}/jobs/batch")] = {
+        "parameters": [queue_param],
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": _ref("JobBatch")}},
+        },
+        "responses": {
+            "200": _json(_ref("SubmittedJobs"), "An outcome per job, in order"),
+            **batch_problems,
+        },
+    }
+    job_details[("POST", "/v1/queues/{queue}/results")] = {
+        "parameters": [queue_param],
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": _ref("ResultBatch")}},
+        },
+        "responses": {
+            "200": _json(_ref("FinishedJobs"), "An outcome per job, in order"),
+            **batch_problems,
+        },
+    }
+    watch_problems = ("invalid-job", "invalid-parameter", "batch-too-large", "origin-not-allowed")
+    many_events = {
+        "description": "An event per job once it has finished (or per change with "
+        "changes=all); event: problem for an id with no job; ends after the last",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+    changes_param = {
+        "name": "changes",
+        "in": "query",
+        "required": False,
+        "schema": {"enum": ["final", "all"], "default": "final"},
+    }
+    job_details[("GET", "/v1/jobs/events")] = {
+        "parameters": [
+            {
+                "name": "id",
+                "in": "query",
+                "required": True,
+                "description": "A job id; repeat for more (a query takes at most 50 "
+                "parameters: POST for more).",
+                "schema": {"type": "array", "items": {"type": "string"}},
+                "style": "form",
+                "explode": True,
+            },
+            changes_param,
+        ],
+        "responses": {"200": many_events, **_problems(*watch_problems, "too-busy")},
+    }
+    job_details[("POST", "/v1/jobs/events")] = {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["ids"],
+                        "properties": {
+                            "ids": {
+                                "type": "array",
+                                "items": {"type": "string"},
+                                "maxItems": settings.job_max_watch,
+                            },
+                            "changes": {"enum": ["final", "all"], "default": "final"},
+                        },
+                    }
+                }
+            },
+        },
+        "responses": {
+            "200": many_events,
+            **_problems(*watch_problems, "too-busy", "malformed-json", "message-too-large"),
+        },
+    }
     job_details[("GET", "/v1/jobs/{job}/events")] = {
         "parameters": [
             job_param,
@@ -516,6 +617,91 @@ def build(settings: Settings) -> dict[str, Any]:
                         "cancel_requested": {"type": "boolean"},
                         "lease": {"type": ["string", "null"]},
                         "lease_expires": {"type": ["string", "null"]},
+                    },
+                },
+                "ClaimedJobs": {
+                    "type": "object",
+                    "required": ["jobs"],
+                    "properties": {"jobs": {"type": "array", "items": _ref("Job")}},
+                },
+                "JobBatch": {
+                    "type": "object",
+                    "required": ["jobs"],
+                    "properties": {
+                        "jobs": {
+                            "type": "array",
+                            "maxItems": settings.job_max_batch,
+                            # Any item is taken: one that is not a valid job gets its own
+                            # problem in the answer, and the others go ahead.
+                            "items": {
+                                "description": 'A job: {"payload": any JSON, '
+                                '"idempotency_key": string, "max_attempts": 1 to 100}; an '
+                                "item that is not one gets a problem in its place in the answer",
+                                "example": {"payload": {"video": 42}, "idempotency_key": "v42"},
+                            },
+                        }
+                    },
+                },
+                "SubmittedJobs": {
+                    "type": "object",
+                    "properties": {
+                        "jobs": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["status"],
+                                "properties": {
+                                    "status": {"type": "integer"},
+                                    "job": _ref("Job"),
+                                    "replayed": {"type": "boolean"},
+                                    "problem": _ref("Problem"),
+                                },
+                            },
+                        }
+                    },
+                },
+                "ResultBatch": {
+                    "type": "object",
+                    "required": ["results"],
+                    "properties": {
+                        "results": {
+                            "type": "array",
+                            "maxItems": settings.job_max_batch,
+                            "items": {
+                                "description": 'An outcome: {"id", "lease", "result": any '
+                                'JSON} or {"id", "lease", "error": string, "retry": boolean '
+                                "(default true)}; an item that is not one gets a problem in its "
+                                "place in the answer",
+                                "example": {"id": "…", "lease": "…", "result": {"ok": True}},
+                            },
+                        }
+                    },
+                },
+                "FinishedJobs": {
+                    "type": "object",
+                    "properties": {
+                        "results": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["id", "status"],
+                                "properties": {
+                                    "id": {"type": ["string", "null"]},
+                                    "status": {"type": "integer"},
+                                    "state": {
+                                        "enum": [
+                                            "queued",
+                                            "running",
+                                            "succeeded",
+                                            "cancelled",
+                                            "dead",
+                                        ]
+                                    },
+                                    "version": {"type": "integer"},
+                                    "problem": _ref("Problem"),
+                                },
+                            },
+                        }
                     },
                 },
                 "Problem": {

@@ -233,6 +233,13 @@ _TYPES = [
         "submit or claim on this queue, or admin.",
     ),
     ProblemType(
+        "batch-too-large",
+        413,
+        "Batch too large",
+        "A batch of jobs (submit, claim max=, results) has more items than job_max_batch, or "
+        "a watch names more jobs than job_max_watch.",
+    ),
+    ProblemType(
         "origin-not-allowed",
         403,
         "Origin not allowed",

@@ -32,9 +32,14 @@ class Route:
     #: without a way to add an Authorization header.
     token_in_query: bool = False
     segments: tuple[str, ...] = field(init=False)
+    #: Placeholders by position, 1 for a placeholder and 0 for a literal: of two patterns that
+    #: match a path, the smaller is the more specific (a literal beats a placeholder).
+    specificity: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "segments", tuple(self.path.strip("/").split("/")))
+        segments = tuple(self.path.strip("/").split("/"))
+        object.__setattr__(self, "segments", segments)
+        object.__setattr__(self, "specificity", tuple(int(s.startswith("{")) for s in segments))
 
     def match(self, segments: Sequence[str]) -> dict[str, str] | None:
         if len(segments) != len(self.segments):
@@ -72,10 +77,19 @@ class ServeMux:
         """The route for ``method`` and ``path``; a GET route answers HEAD too."""
         wanted = "GET" if method == "HEAD" else method
         segments = [unquote(s, errors="replace") if "%" in s else s for s in _split(path)]
-        allowed: list[str] = []
+        found: list[tuple[Route, dict[str, str]]] = []
         for route in self.routes:
             params = route.match(segments)
-            if params is None:
+            if params is not None:
+                found.append((route, params))
+        if not found:
+            return NoRoute(())
+        # The most specific pattern owns the path: /v1/jobs/events shadows /v1/jobs/{job}, for
+        # every method (so DELETE /v1/jobs/events is a 405, not a cancel of job "events").
+        best = min(route.specificity for route, _ in found)
+        allowed: list[str] = []
+        for route, params in found:
+            if route.specificity != best:
                 continue
             if route.method == wanted:
                 return Matched(route, params)

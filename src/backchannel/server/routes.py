@@ -49,6 +49,25 @@ ROUTES = [
         jobs.submit,
         "Submit a job: 202 with Location, or 200 with the result under Prefer: wait=N",
     ),
+    Route(
+        "POST",
+        "/v1/queues/{queue}/jobs/batch",
+        jobs.submit_batch,
+        "Submit many jobs in one request; an outcome per job",
+    ),
+    # Before /v1/jobs/{job}: the first route that matches wins (job ids are 32 hex digits).
+    Route(
+        "GET",
+        "/v1/jobs/events",
+        jobs.jobs_events,
+        "Server-sent events of many jobs (?id=A&id=B): their final states, or every change",
+    ),
+    Route(
+        "POST",
+        "/v1/jobs/events",
+        jobs.jobs_events_of_body,
+        'Server-sent events of many jobs named in the body {"ids": [...]}',
+    ),
     Route("GET", "/v1/jobs/{job}", jobs.get_job, "A job: short poll, or long poll with wait="),
     Route(
         "GET",
@@ -68,6 +87,12 @@ ROUTES = [
         "/v1/queues/{queue}/claim",
         jobs.claim,
         "Workers: take the next job with a lease, waiting up to wait= seconds",
+    ),
+    Route(
+        "POST",
+        "/v1/queues/{queue}/results",
+        jobs.finish_batch,
+        "Workers: complete or fail many jobs in one request; an outcome per job",
     ),
     Route("POST", "/v1/jobs/{job}/heartbeat", jobs.heartbeat, "Workers: extend the lease"),
     Route("POST", "/v1/jobs/{job}/progress", jobs.progress, "Workers: report progress"),

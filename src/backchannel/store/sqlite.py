@@ -25,7 +25,7 @@ import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -34,15 +34,19 @@ from ..core.channels import Retention
 from ..core.errors import BackchannelError, IdempotencyKeyReused, Unavailable
 from ..core.jobs import Job, JobState
 from ..core.messages import Appended, ChannelStats, Draft, Message
-from ..core.store import JobListener, Listener, ResyncListener
+from ..core.store import Change, JobListener, Listener, ResyncListener, Take
 from .base import DEFAULT_IDEMPOTENCY_TTL_MS, DEFAULT_RETENTION
 
 log = logging.getLogger("backchannel.store.sqlite")
 
-# 2 added the job tables. Every statement of the schema is CREATE ... IF NOT EXISTS, so running
-# it on an older file upgrades it in place.
+# 2 added the job tables. Every statement of the schema is CREATE ... IF NOT EXISTS (or DROP ...
+# IF EXISTS), so running it on an older file upgrades it in place. The job indexes were replaced
+# later (jobs_waiting and jobs_lease by the partial jobs_queued and jobs_leased) without a new
+# version: the rows are the same, and whichever code opens the file makes the indexes it needs.
 SCHEMA_VERSION = 2
 MAX_BATCH = 1024
+# Ids per IN (...) list: below SQLite's oldest limit on bound parameters (999).
+_IN_CHUNK = 500
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS channels (
@@ -88,8 +92,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     lease_expires_ms INTEGER,
     cancel_requested INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS jobs_waiting ON jobs (queue, state, created_ms);
-CREATE INDEX IF NOT EXISTS jobs_lease ON jobs (state, lease_expires_ms);
+DROP INDEX IF EXISTS jobs_waiting;
+DROP INDEX IF EXISTS jobs_lease;
+CREATE INDEX IF NOT EXISTS jobs_queued ON jobs (queue, created_ms) WHERE state = 'queued';
+CREATE INDEX IF NOT EXISTS jobs_leased ON jobs (lease_expires_ms) WHERE state = 'running';
 CREATE TABLE IF NOT EXISTS job_keys (
     queue        TEXT    NOT NULL,
     key          TEXT    NOT NULL,
@@ -154,22 +160,26 @@ SELECT {_JOB_COLUMNS} FROM jobs
 WHERE id = (SELECT job_id FROM job_keys WHERE queue = ? AND key = ? AND expires_ms > ?)
 """
 
-# Each half is limited on its own so that both walk jobs_waiting in order and stop early,
-# instead of sorting every queued job of the queue; the outer query puts them one after the
-# other in a single statement, so both halves read the same snapshot.
+# Each half is limited on its own so that it stops early: the queued half walks jobs_queued
+# in order, the expired half reads only the leases that ran out (from jobs_leased, which holds
+# running jobs only) instead of every running job of the queue. The outer query puts them one
+# after the other in a single statement, so both halves read the same snapshot. Jobs created in
+# the same millisecond (a batch) go in the order they were stored: rowid, which an index keeps
+# after its columns.
 _JOB_CANDIDATES = f"""
 SELECT {_JOB_COLUMNS} FROM (
-    SELECT 0 AS expired, * FROM (
-        SELECT * FROM jobs WHERE queue = ? AND state = 'queued'
-        ORDER BY created_ms, id LIMIT ?
+    SELECT 0 AS expired, rowid AS stored, * FROM (
+        SELECT rowid, * FROM jobs INDEXED BY jobs_queued WHERE state = 'queued' AND queue = ?
+        ORDER BY created_ms, rowid LIMIT ?
     )
     UNION ALL
-    SELECT 1 AS expired, * FROM (
-        SELECT * FROM jobs WHERE queue = ? AND state = 'running' AND lease_expires_ms <= ?
-        ORDER BY created_ms, id LIMIT ?
+    SELECT 1 AS expired, rowid AS stored, * FROM (
+        SELECT rowid, * FROM jobs INDEXED BY jobs_leased
+        WHERE state = 'running' AND lease_expires_ms <= ? AND queue = ?
+        ORDER BY created_ms, rowid LIMIT ?
     )
 )
-ORDER BY expired, created_ms, id
+ORDER BY expired, created_ms, stored
 LIMIT ?
 """
 
@@ -201,6 +211,9 @@ def _job_values(job: Job) -> tuple[Any, ...]:
     )
 
 
+_STATES = {state.value: state for state in JobState}
+
+
 def _job_from_row(row: tuple[Any, ...]) -> Job:
     """The job from a row of ``_JOB_FIELDS``."""
     (
@@ -223,7 +236,7 @@ def _job_from_row(row: tuple[Any, ...]) -> Job:
     return Job(
         id=job_id,
         queue=queue_name,
-        state=JobState(state),
+        state=_STATES[state],
         payload=bytes(payload),
         attempts=attempts,
         max_attempts=max_attempts,
@@ -237,6 +250,40 @@ def _job_from_row(row: tuple[Any, ...]) -> Job:
         lease_expires_ms=lease_expires_ms,
         cancel_requested=bool(cancel_requested),
     )
+
+
+def _jobs_by_id(conn: sqlite3.Connection, job_ids: Sequence[str]) -> dict[str, Job]:
+    found: dict[str, Job] = {}
+    unique = list(dict.fromkeys(job_ids))
+    for start in range(0, len(unique), _IN_CHUNK):
+        chunk = unique[start : start + _IN_CHUNK]
+        marks = ", ".join("?" * len(chunk))
+        for row in conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id IN ({marks})", chunk):
+            job = _job_from_row(row)
+            found[job.id] = job
+    return found
+
+
+def _jobs_by_key(
+    conn: sqlite3.Connection, keys: Sequence[tuple[str, str]], now_ms: int
+) -> dict[tuple[str, str], Job]:
+    """The jobs of live idempotency keys among ``keys`` (a key whose job is gone is free)."""
+    found: dict[tuple[str, str], Job] = {}
+    by_queue: dict[str, list[str]] = {}
+    for queue_name, key in dict.fromkeys(keys):
+        by_queue.setdefault(queue_name, []).append(key)
+    for queue_name, wanted in by_queue.items():
+        for start in range(0, len(wanted), _IN_CHUNK):
+            chunk = wanted[start : start + _IN_CHUNK]
+            marks = ", ".join("?" * len(chunk))
+            query = (
+                f"SELECT k.key, {', '.join('j.' + name for name in _JOB_FIELDS)} "
+                "FROM job_keys AS k JOIN jobs AS j ON j.id = k.job_id "
+                f"WHERE k.queue = ? AND k.expires_ms > ? AND k.key IN ({marks})"
+            )
+            for key, *row in conn.execute(query, (queue_name, now_ms, *chunk)):
+                found[(queue_name, key)] = _job_from_row(tuple(row))
+    return found
 
 
 class StoreLocked(Unavailable):
@@ -704,6 +751,39 @@ class SQLiteStore:
         result: tuple[Job, bool] = await self._write(run)
         return result
 
+    async def job_create_many(
+        self, items: Sequence[tuple[Job, str | None]], *, now_ms: int
+    ) -> list[tuple[Job, bool]]:
+        expires = now_ms + self.idempotency_ttl_ms
+
+        def run(conn: sqlite3.Connection) -> list[tuple[Job, bool]]:
+            made: list[tuple[Job, bool]] = []
+            new: list[Job] = []
+            # The jobs of keys used before (one query per queue and 500 keys), then of keys used
+            # earlier in this batch.
+            earlier = _jobs_by_key(conn, [(job.queue, key) for job, key in items if key], now_ms)
+            keyed: dict[tuple[str, str], Job] = {}  # keys of this batch: their rows wait below
+            for job, key in items:
+                if key is not None:
+                    first = earlier.get((job.queue, key))
+                    if first is not None:
+                        made.append((first, True))
+                        continue
+                    keyed[(job.queue, key)] = earlier[(job.queue, key)] = job
+                made.append((job, False))
+                new.append(job)
+            conn.executemany(
+                "INSERT OR REPLACE INTO job_keys (queue, key, job_id, expires_ms) "
+                "VALUES (?, ?, ?, ?)",
+                [(queue, key, job.id, expires) for (queue, key), job in keyed.items()],
+            )
+            conn.executemany(_JOB_INSERT, [_job_values(job) for job in new])
+            self._jobs_changed.extend(new)
+            return made
+
+        result: list[tuple[Job, bool]] = await self._write(run)
+        return result
+
     async def job_update(self, job: Job) -> bool:
         def run(conn: sqlite3.Connection) -> bool:
             # Compare-and-set: the row changes only if it is still the version this one follows,
@@ -716,6 +796,66 @@ class SQLiteStore:
 
         updated: bool = await self._write(run)
         return updated
+
+    async def job_update_many(self, jobs: Sequence[Job]) -> list[bool]:
+        def run(conn: sqlite3.Connection) -> list[bool]:
+            done: list[bool] = []
+            for job in jobs:
+                values = _job_values(job)
+                cursor = conn.execute(_JOB_UPDATE, (*values[1:], job.id, job.version - 1))
+                done.append(cursor.rowcount == 1)
+                if cursor.rowcount == 1:
+                    self._jobs_changed.append(job)
+            return done
+
+        updated: list[bool] = await self._write(run)
+        return updated
+
+    async def job_claim(self, queue: str, *, now_ms: int, count: int, take: Take) -> list[Job]:
+        limit = count + 15  # more than asked: an expired lease may end its job instead
+
+        def run(conn: sqlite3.Connection) -> list[Job]:
+            rows = conn.execute(
+                _JOB_CANDIDATES, (queue, limit, now_ms, queue, limit, limit)
+            ).fetchall()
+            stored: list[Job] = []
+            running = 0
+            for row in rows:
+                if running == count:
+                    break
+                changed = take(_job_from_row(row))
+                if changed is not None:
+                    stored.append(changed)
+                    running += changed.state is JobState.RUNNING
+            # Read and written in this one transaction: every compare-and-set holds.
+            self._update_rows(conn, stored)
+            return stored
+
+        result: list[Job] = await self._write(run)
+        return result
+
+    async def job_change_many(self, job_ids: Sequence[str], change: Change) -> list[Job | None]:
+        def run(conn: sqlite3.Connection) -> list[Job | None]:
+            current = _jobs_by_id(conn, job_ids)
+            out: list[Job | None] = []
+            for i, job_id in enumerate(job_ids):
+                changed = change(i, current.get(job_id))
+                if changed is not None:
+                    current[job_id] = changed  # the same id again sees this version
+                out.append(changed)
+            self._update_rows(conn, [job for job in out if job is not None])
+            return out
+
+        result: list[Job | None] = await self._write(run)
+        return result
+
+    def _update_rows(self, conn: sqlite3.Connection, jobs: list[Job]) -> None:
+        """Store versions computed from rows this transaction read (writer thread only)."""
+        rows = [(*_job_values(job)[1:], job.id, job.version - 1) for job in jobs]
+        cursor = conn.executemany(_JOB_UPDATE, rows)
+        if cursor.rowcount != len(rows):  # the writer is the only one: this is a bug
+            raise RuntimeError(f"{len(rows) - cursor.rowcount} job rows changed under the writer")
+        self._jobs_changed.extend(jobs)
 
     async def job_trim(self, *, now_ms: int, keep_ms: int) -> int:
         def run(conn: sqlite3.Connection) -> int:
@@ -736,10 +876,14 @@ class SQLiteStore:
         result: Job | None = await self._read(run)
         return result
 
+    async def job_get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
+        found: dict[str, Job] = await self._read(lambda conn: _jobs_by_id(conn, job_ids))
+        return [found.get(job_id) for job_id in job_ids]
+
     async def job_candidates(self, queue: str, *, now_ms: int, limit: int) -> list[Job]:
         def run(conn: sqlite3.Connection) -> list[Job]:
             rows = conn.execute(
-                _JOB_CANDIDATES, (queue, limit, queue, now_ms, limit, limit)
+                _JOB_CANDIDATES, (queue, limit, now_ms, queue, limit, limit)
             ).fetchall()
             return [_job_from_row(row) for row in rows]
 
@@ -751,7 +895,7 @@ class SQLiteStore:
             rows = conn.execute(
                 f"SELECT {_JOB_COLUMNS} FROM jobs "
                 "WHERE state = 'running' AND lease_expires_ms <= ? "
-                "ORDER BY lease_expires_ms, id LIMIT ?",
+                "ORDER BY lease_expires_ms, rowid LIMIT ?",
                 (now_ms, limit),
             ).fetchall()
             return [_job_from_row(row) for row in rows]
