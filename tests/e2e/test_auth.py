@@ -458,6 +458,62 @@ async def job_claim(world: World, token: str | None) -> Outcome:
     return await _http_outcome(response, 200)
 
 
+async def job_submit_batch(world: World, token: str | None) -> Outcome:
+    async with world.http() as http:
+        response = await http.post(
+            f"/v1/queues/{world.name}/jobs/batch",
+            json={"jobs": [{"payload": {"n": 1}}]},
+            headers=bearer(token),
+        )
+    if response.status_code == 200:
+        assert response.json()["jobs"][0]["status"] == 202
+    return await _http_outcome(response, 200)
+
+
+async def job_claim_batch(world: World, token: str | None) -> Outcome:
+    job_id, _ = await world.job()
+    async with world.http() as http:
+        response = await http.post(
+            f"/v1/queues/{world.name}/claim",
+            params={"wait": "1", "max": "5"},
+            headers=bearer(token),
+        )
+    if response.status_code == 200:
+        assert [job["id"] for job in response.json()["jobs"]] == [job_id]
+    return await _http_outcome(response, 200)
+
+
+async def job_results_batch(world: World, token: str | None) -> Outcome:
+    job_id, lease = await world.job(claimed=True)
+    async with world.http() as http:
+        response = await http.post(
+            f"/v1/queues/{world.name}/results",
+            json={"results": [{"id": job_id, "lease": lease, "result": 1}]},
+            headers=bearer(token),
+        )
+    if response.status_code == 200:
+        assert response.json()["results"][0]["state"] == "succeeded"
+    return await _http_outcome(response, 200)
+
+
+async def jobs_events(world: World, token: str | None) -> Outcome:
+    job_id, lease = await world.job(claimed=True)
+    async with world.http() as http:
+        done = await http.post(
+            f"/v1/jobs/{job_id}/complete",
+            json={"lease": lease, "result": 1},
+            headers=bearer(world.admin),
+        )
+        assert done.status_code == 200
+        params = {"id": job_id, **({"token": token} if token else {})}
+        response = await http.get("/v1/jobs/events", params=params)
+    if response.status_code == 200:
+        events = EventParser()
+        events.receive_data(response.content)
+        assert [json.loads(e.data)["state"] for e in events.events()] == ["succeeded"]
+    return await _http_outcome(response, 200)
+
+
 def _worker_command(action: str, body: dict[str, Any]) -> Callable[..., Awaitable[Outcome]]:
     async def attempt(world: World, token: str | None) -> Outcome:
         job_id, lease = await world.job(claimed=True)
@@ -495,6 +551,10 @@ ATTEMPTS: dict[str, Callable[[World, str | None], Awaitable[Outcome]]] = {
         job_events_query,
         job_cancel,
         job_claim,
+        job_submit_batch,
+        job_claim_batch,
+        job_results_batch,
+        jobs_events,
         _worker_command("heartbeat", {}),
         _worker_command("progress", {"progress": 0.5}),
         _worker_command("complete", {"result": {"ok": True}}),

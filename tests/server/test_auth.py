@@ -409,6 +409,7 @@ def test_only_health_and_the_api_description_are_public() -> None:
         "/v1/channels/{channel}/events",
         "/v1/events",
         "/v1/jobs/{job}/events",
+        "/v1/jobs/events",
         "/v1/channels/{channel}/ws",
         "/v1/ws",
     }

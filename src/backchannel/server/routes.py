@@ -55,12 +55,13 @@ ROUTES = [
         jobs.submit_batch,
         "Submit many jobs in one request; an outcome per job",
     ),
-    # Before /v1/jobs/{job}: the first route that matches wins (job ids are 32 hex digits).
+    # /v1/jobs/events shadows /v1/jobs/{job}: the most specific pattern owns a path.
     Route(
         "GET",
         "/v1/jobs/events",
         jobs.jobs_events,
         "Server-sent events of many jobs (?id=A&id=B): their final states, or every change",
+        token_in_query=True,
     ),
     Route(
         "POST",
