@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import orjson
 
@@ -333,6 +334,28 @@ def _new_job(item: Any) -> NewJob:
     return NewJob(payload=orjson.dumps(item["payload"]), idempotency_key=key, max_attempts=attempts)
 
 
+_Item = TypeVar("_Item")
+
+
+def _parse_each(
+    items: list[Any], parse: Callable[[Any], _Item], *, with_id: bool
+) -> tuple[list[dict[str, Any] | None], list[tuple[int, _Item]]]:
+    """Parse each item of a batch: the answers so far (a problem in the place of each item
+    that did not parse, None elsewhere) and the parsed items with their places."""
+    answers: list[dict[str, Any] | None] = [None] * len(items)
+    parsed: list[tuple[int, _Item]] = []
+    for i, item in enumerate(items):
+        try:
+            parsed.append((i, parse(item)))
+        except HTTPProblem as exc:
+            status, problem = _problem(exc)
+            answer: dict[str, Any] = {"status": status, "problem": problem}
+            if with_id:
+                answer = {"id": item.get("id") if isinstance(item, dict) else None, **answer}
+            answers[i] = answer
+    return answers, parsed
+
+
 async def submit_batch(request: Request) -> Response:
     """``POST /v1/queues/{queue}/jobs/batch``: ``{"jobs": [{"payload", "idempotency_key",
     "max_attempts"}, ...]}``; per item ``{"status": 202, "job": {...}}`` (``200`` once the job
@@ -341,14 +364,7 @@ async def submit_batch(request: Request) -> Response:
     queue = validate_channel(request.params["queue"])
     require(request.identity, Action.SUBMIT, queue)
     items = await _batch(request, "jobs", '{"jobs": [{"payload": ...}, ...]}')
-    answers: list[dict[str, Any] | None] = [None] * len(items)
-    todo: list[tuple[int, NewJob]] = []
-    for i, item in enumerate(items):
-        try:
-            todo.append((i, _new_job(item)))
-        except HTTPProblem as exc:
-            status, problem = _problem(exc)
-            answers[i] = {"status": status, "problem": problem}
+    answers, todo = _parse_each(items, _new_job, with_id=False)
     done = await request.app.jobs.submit_many(queue, [new for _, new in todo])
     for (i, _), outcome in zip(todo, done, strict=True):
         if isinstance(outcome, BackchannelError):
@@ -391,15 +407,7 @@ async def finish_batch(request: Request) -> Response:
     queue = validate_channel(request.params["queue"])
     require(request.identity, Action.CLAIM, queue)
     items = await _batch(request, "results", '{"results": [{"id", "lease", "result"}, ...]}')
-    answers: list[dict[str, Any] | None] = [None] * len(items)
-    todo: list[tuple[int, Outcome]] = []
-    for i, item in enumerate(items):
-        try:
-            todo.append((i, _outcome(item)))
-        except HTTPProblem as exc:
-            status, problem = _problem(exc)
-            job_id = item.get("id") if isinstance(item, dict) else None
-            answers[i] = {"id": job_id, "status": status, "problem": problem}
+    answers, todo = _parse_each(items, _outcome, with_id=True)
     done = await request.app.jobs.finish_many(queue, [outcome for _, outcome in todo])
     for (i, outcome), job in zip(todo, done, strict=True):
         if isinstance(job, BackchannelError):
