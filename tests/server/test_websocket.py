@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import Iterator
 
@@ -201,8 +202,6 @@ async def test_echo_reads_nothing_more_while_a_reply_waits() -> None:
     """Flow control: while the reply to one message cannot be sent, the endpoint does not ask
     for the next one (so a client that sends without reading makes the ASGI server stop
     reading, instead of making the hub buffer)."""
-    import asyncio
-
     app = create_app(Settings(ws_echo=True), store=MemoryStore())
     await app.startup()
     inbox: asyncio.Queue[dict[str, object]] = asyncio.Queue()
