@@ -1,12 +1,14 @@
-"""Autobahn's 9.* cases (limits and performance) against both WebSocket endpoints of a hub.
+"""Autobahn's 9.* cases (limits and performance) against the WebSocket endpoints of a hub.
 
 tests/reliability/test_autobahn.py runs every other case in CI; these are slow (messages up to
-16 MiB, thousands of round trips) and, like all echo cases, Autobahn marks them FAILED on an
-endpoint that does not echo. This prints, per endpoint and case, Autobahn's verdict, the
-judgement tests/reliability applies to echo cases (the hub took every frame and answered the
-close) and the case's running time. Messages over the hub's WebSocket limit
-(``max_message_bytes`` * 4/3 + 64 KiB, about 1.4 MiB by default) are expected to be refused
-with close code 1009; pass ``--max-message-bytes 16777216`` to let them all through.
+16 MiB, thousands of round trips). The hub runs with ``--ws-echo``: on ``/v1/echo`` they are
+real round trips, judged by Autobahn's verdict. Like all echo cases, Autobahn marks them FAILED
+on the push endpoints, which do not echo; there this prints the judgement
+tests/reliability applies to echo cases (the hub took every frame and answered the close).
+For each endpoint and case: Autobahn's verdict, the judgement, the case's running time and
+the close. Messages over the hub's WebSocket limit (``max_message_bytes`` * 4/3 + 64 KiB, about
+1.4 MiB by default) are expected to be refused with close code 1009; pass
+``--max-message-bytes 16777216`` to let them all through.
 
     .venv/bin/python bench/autobahn_performance.py [--cases '9.1.*'] [--max-message-bytes N]
 """
@@ -23,7 +25,7 @@ from hubproc import HubProcess, handle_stop_signals
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.reliability.test_autobahn import judge, run_fuzzing
+from tests.reliability.test_autobahn import ENDPOINTS, judge, run_fuzzing
 
 
 def main() -> int:
@@ -34,14 +36,14 @@ def main() -> int:
     args = parser.parse_args()
     handle_stop_signals()
     cases = args.cases or ["9.*"]
-    extra = ["--no-tcp"]
+    extra = ["--no-tcp", "--ws-echo"]
     if args.max_message_bytes:
         extra += ["--max-message-bytes", str(args.max_message_bytes)]
     rows = []
     with HubProcess(extra) as hub, tempfile.TemporaryDirectory() as workdir:
         # One wstest process per endpoint and case group: 9.1 to 9.8 each make one group.
         groups = [[pattern] for pattern in cases]
-        reports = run_fuzzing(hub.url, Path(workdir), groups, [])
+        reports = run_fuzzing(hub.url, Path(workdir), dict.fromkeys(ENDPOINTS, groups), [])
     print("| endpoint | case | Autobahn | judged | ms | close |")
     print("|---|---|---|---|---|---|")
     failed = 0

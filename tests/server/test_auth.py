@@ -412,6 +412,7 @@ def test_only_health_and_the_api_description_are_public() -> None:
         "/v1/jobs/events",
         "/v1/channels/{channel}/ws",
         "/v1/ws",
+        "/v1/echo",
     }
 
 
@@ -488,3 +489,24 @@ def test_openapi_names_the_bearer_scheme_on_every_route_but_the_public_ones(keys
                 assert operation["security"] == [{"bearer": []}]
                 assert {"401", "403"} <= set(operation["responses"])
     assert "securitySchemes" not in openapi.build(Settings())["components"]
+
+
+def test_the_echo_socket_needs_a_token_with_any_grants(keys: Keys) -> None:
+    from starlette.testclient import TestClient, WebSocketDenialResponse
+
+    app = create_app(settings_for(keys, ws_echo=True), store=MemoryStore())
+    no_grants = keys.token(bc=None)
+    with TestClient(app) as client:
+        for refused, slug in (("", "token-required"), ("?token=not-a-jwt", "invalid-token")):
+            with pytest.raises(WebSocketDenialResponse) as denied:
+                client.websocket_connect("/v1/echo" + refused).__enter__()
+            assert denied.value.status_code == 401
+            assert denied.value.json()["type"] == f"/problems/{slug}"
+        connections = (
+            client.websocket_connect(f"/v1/echo?token={no_grants}"),
+            client.websocket_connect("/v1/echo", headers={"authorization": f"Bearer {no_grants}"}),
+        )
+        for connection in connections:
+            with connection as ws:
+                ws.send_text("hello")
+                assert ws.receive_text() == "hello"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import Iterator
 
@@ -141,3 +142,105 @@ def test_origin_check(client: TestClient, origin: str, allowed: bool) -> None:
         ):
             pass
         assert info.value.code == 1008
+
+
+# -- /v1/echo (only with ws_echo) ----------------------------------------------------------------
+
+
+@pytest.fixture
+def echo() -> Iterator[TestClient]:
+    app = create_app(Settings(ws_echo=True, max_message_bytes=1), store=MemoryStore())
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+def test_echo_is_off_by_default(client: TestClient) -> None:
+    # Refused before the handshake, as on any path that is not a WebSocket route.
+    for path in ("/v1/echo", "/v1/nowhere"):
+        with pytest.raises(WebSocketDisconnect) as info, client.websocket_connect(path):
+            pass
+        assert info.value.code == 1008
+    assert client.get("/v1/echo").status_code == 404
+
+
+def test_echo_sends_every_message_back_as_it_came(echo: TestClient) -> None:
+    with echo.websocket_connect("/v1/echo") as ws:
+        for text in ("hello", "", "hé ☃ 𝄞", "x" * 65_000):
+            ws.send_text(text)
+            assert ws.receive_text() == text  # a text frame, not a binary one
+        for data in (b"\x00\xff", b"", bytes(range(256)) * 100):
+            ws.send_bytes(data)
+            assert ws.receive_bytes() == data
+        # Sent back to back, they come back in order.
+        ws.send_text("1")
+        ws.send_bytes(b"2")
+        ws.send_text("3")
+        assert (ws.receive_text(), ws.receive_bytes(), ws.receive_text()) == ("1", b"2", "3")
+    assert echo.get("/v1/echo").status_code == 405  # a WebSocket route now
+
+
+@pytest.mark.parametrize("oversized", ["x" * 65_538, b"x" * 65_538])
+def test_echo_closes_1009_past_the_websocket_message_limit(
+    echo: TestClient, oversized: str | bytes
+) -> None:
+    # max_message_bytes=1: the limit is 1 * 4 // 3 + 65 536 = 65 537 bytes (Settings.ws_max_size).
+    assert echo.app.settings.ws_max_size == 65_537  # type: ignore[attr-defined]
+    with echo.websocket_connect("/v1/echo") as ws:
+        ws.send_bytes(b"y" * 65_537)
+        assert ws.receive_bytes() == b"y" * 65_537
+        if isinstance(oversized, str):
+            ws.send_text(oversized)
+        else:
+            ws.send_bytes(oversized)
+        with pytest.raises(WebSocketDisconnect) as info:
+            ws.receive_bytes()
+    assert info.value.code == 1009
+    assert info.value.reason == "Message exceeds the maximum size (65537 bytes)"
+
+
+async def test_echo_reads_nothing_more_while_a_reply_waits() -> None:
+    """Flow control: while the reply to one message cannot be sent, the endpoint does not ask
+    for the next one (so a client that sends without reading makes the ASGI server stop
+    reading, instead of making the hub buffer)."""
+    app = create_app(Settings(ws_echo=True), store=MemoryStore())
+    await app.startup()
+    inbox: asyncio.Queue[dict[str, object]] = asyncio.Queue()
+    for message in (
+        {"type": "websocket.connect"},
+        {"type": "websocket.receive", "text": "one"},
+        {"type": "websocket.receive", "bytes": b"two"},
+        {"type": "websocket.receive", "text": "three"},
+    ):
+        inbox.put_nowait(message)
+    received = 0
+    sent: list[dict[str, object]] = []
+    writable = asyncio.Event()
+
+    async def receive() -> dict[str, object]:
+        nonlocal received
+        received += 1
+        return await inbox.get()
+
+    async def send(message: dict[str, object]) -> None:
+        if message["type"] == "websocket.send":
+            await writable.wait()  # a client that does not read
+        sent.append(message)
+
+    scope = {"type": "websocket", "path": "/v1/echo", "headers": [], "query_string": b""}
+    task = asyncio.create_task(app(scope, receive, send))
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert sent == [{"type": "websocket.accept"}]
+    assert received == 2  # the connect and the first message; the other two are not taken
+    writable.set()
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert received == 5 and inbox.empty()
+    assert sent[1:] == [
+        {"type": "websocket.send", "text": "one"},
+        {"type": "websocket.send", "bytes": b"two"},
+        {"type": "websocket.send", "text": "three"},
+    ]
+    inbox.put_nowait({"type": "websocket.disconnect", "code": 1000})
+    await asyncio.wait_for(task, 10)
+    await app.shutdown()

@@ -31,7 +31,7 @@ from .config import Settings
 from .http import ClientDisconnected, Request, Response, problem_response
 from .problems import HTTPProblem, problem_for
 from .router import Matched, request_path
-from .routes import MUX
+from .routes import serve_mux
 from .sse import Heartbeats
 
 log = logging.getLogger("backchannel.server")
@@ -60,6 +60,7 @@ class BackchannelApp:
         self.hub = Hub(store, limits=self.settings.limits, clock=clock)
         self.jobs = JobQueue(store, limits=self.settings.job_limits, now_ms=self.hub.now_ms)
         self.heartbeats = Heartbeats(self.settings.sse_heartbeat)
+        self.mux = serve_mux(self.settings)
         self.openapi_json = orjson.dumps(openapi.build(self.settings))
         self._start_lock = asyncio.Lock()
         self._stopped = False  # after shutdown(), requests get 503 instead of a lazy restart
@@ -135,7 +136,7 @@ class BackchannelApp:
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = request_path(scope)
-        found = MUX.match("WEBSOCKET", path)
+        found = self.mux.match("WEBSOCKET", path)
         if not isinstance(found, Matched):
             # Refusing before accepting makes the server answer the handshake with 403.
             await send({"type": "websocket.close", "code": 1008})
@@ -151,7 +152,7 @@ class BackchannelApp:
                 await send({"type": "websocket.close", "code": 1011})
 
     def _route(self, scope: Scope, receive: Receive, send: Send, path: str) -> Request:
-        found = MUX.match(scope["method"], path)
+        found = self.mux.match(scope["method"], path)
         if not isinstance(found, Matched):
             if found.allowed:
                 allow = ", ".join(found.allowed).encode()

@@ -110,6 +110,11 @@ class Settings:
         "connection instead of through ASGI send (same bytes, less CPU per message), and hand "
         "started event streams' connections to the fan-out engine (less memory per subscriber)",
     )
+    ws_echo: bool = _setting(
+        False,
+        "serve the WebSocket /v1/echo, which sends every message back unchanged (for "
+        "conformance testing and debugging)",
+    )
     header_timeout: float = _setting(
         10.0,
         "seconds a client has to send a request's line and headers (a TCP client: its HELLO) "
@@ -261,6 +266,12 @@ class Settings:
         if self.store:
             return self.store
         return "sqlite:///" + os.path.join(self.data_dir, "backchannel.db")
+
+    @property
+    def ws_max_size(self) -> int:
+        """Bytes of the largest WebSocket message a client may send: a publish over /v1/ws
+        carries the body as JSON or base64, so room for that, no more."""
+        return self.max_message_bytes * 4 // 3 + 65_536
 
     @property
     def retention(self) -> Retention:

@@ -7,7 +7,7 @@ from typing import Any
 from .. import __version__
 from .config import Settings
 from .problems import PROBLEM_TYPES
-from .routes import ROUTES
+from .routes import ROUTES, enabled
 
 ID_PATTERN = "^[0-9a-fA-F]{1,16}$"
 CHANNEL_PATTERN = "^[A-Za-z0-9_\\-.:@]{1,200}$"
@@ -504,6 +504,8 @@ def build(settings: Settings) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for route in ROUTES:
         if route.method == "WEBSOCKET":  # OpenAPI does not describe WebSockets: protocol.md does
+            continue
+        if not enabled(route, settings):
             continue
         operation: dict[str, Any] = {
             "summary": route.summary,

@@ -31,6 +31,9 @@ class Route:
     #: Takes the token as ``?token=`` too: event streams and WebSockets, which browsers open
     #: without a way to add an Authorization header.
     token_in_query: bool = False
+    #: The name of a bool setting that turns the route on; while it is off, the route does
+    #: not exist (see :func:`.routes.serve_mux`).
+    setting: str | None = None
     segments: tuple[str, ...] = field(init=False)
     #: Placeholders by position, 1 for a placeholder and 0 for a literal: of two patterns that
     #: match a path, the smaller is the more specific (a literal beats a placeholder).

@@ -1,12 +1,15 @@
 """Every route of the HTTP API, declared in one place: the hub's ServeMux.
 
 With auth on, every route needs a token unless it is declared ``public``; each endpoint then
-checks what the token grants (docs/auth.md, "What each route needs").
+checks what the token grants (docs/auth.md, "What each route needs"). A route declared with a
+``setting`` exists only in hubs whose settings turn it on: :func:`serve_mux` builds an app's
+ServeMux from the routes its settings enable.
 """
 
 from __future__ import annotations
 
 from . import channels, jobs, meta, sse, websocket
+from .config import Settings
 from .router import Route, ServeMux
 
 ROUTES = [
@@ -130,6 +133,23 @@ ROUTES = [
         "The multiplexed protocol",
         token_in_query=True,
     ),
+    Route(
+        "WEBSOCKET",
+        "/v1/echo",
+        websocket.echo_socket,
+        "Every message sent back unchanged: for conformance testing and debugging",
+        token_in_query=True,
+        setting="ws_echo",
+    ),
 ]
 
-MUX = ServeMux(ROUTES)
+
+def enabled(route: Route, settings: Settings) -> bool:
+    """Does the route exist in a hub with these settings?"""
+    return route.setting is None or getattr(settings, route.setting) is True
+
+
+def serve_mux(settings: Settings) -> ServeMux:
+    """The ServeMux of a hub with these settings: a route that is turned off is unknown, so
+    its path answers as any unknown path does (404; a WebSocket handshake, 403)."""
+    return ServeMux([route for route in ROUTES if enabled(route, settings)])

@@ -199,8 +199,7 @@ def run_server(
         ws="wsproto",
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
-        # A publish over /v1/ws carries the body as JSON or base64: room for that, no more.
-        ws_max_size=settings.max_message_bytes * 4 // 3 + 65_536,
+        ws_max_size=settings.ws_max_size,
         ws_per_message_deflate=False,
         server_header=False,
         date_header=True,

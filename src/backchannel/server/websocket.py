@@ -1,4 +1,5 @@
-"""WebSocket endpoints: ``/v1/channels/{channel}/ws`` (one channel) and ``/v1/ws`` (multiplexed).
+"""WebSocket endpoints: ``/v1/channels/{channel}/ws`` (one channel), ``/v1/ws`` (multiplexed),
+and ``/v1/echo`` (every message sent back, for conformance testing; only with ``ws_echo``).
 
 Both run over the ASGI server's WebSocket support. :class:`SocketSink` is the fan-out engine's
 view of a connection: queued frames are sent by one writer coroutine, in order, so answers to
@@ -39,6 +40,7 @@ log = logging.getLogger("backchannel.websocket")
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
+CLOSE_MESSAGE_TOO_BIG = 1009
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_BAD_REQUEST = 4000
 CLOSE_SLOW_CONSUMER = 4008
@@ -509,3 +511,71 @@ async def mux_socket(request: Request) -> None:
             expiry.cancel()
         session.close()
         hub.detach(sink)
+
+
+async def echo_socket(request: Request) -> None:
+    """``/v1/echo``: send every message back unchanged, text as text and binary as binary.
+
+    Text replies go out as pushed messages do (whole frames from :func:`.wire.ws.text_frame`
+    written to the transport, when :func:`.fastpath.direct_ws_transport` finds it), so that a
+    conformance suite exercises the hub's own frame encoder; binary replies, and text ones
+    where there is no direct transport, through ASGI ``send``. The connection is attached to
+    the hub like a ``/v1/ws`` one, so shutdown closes it with 1001 and an expired token with
+    4401.
+    """
+    if not await _handshake(request):
+        return
+    await request.send({"type": "websocket.accept"})
+    sink = _sink(request)
+    hub = request.app.hub
+    try:
+        hub.attach(sink)
+    except Unavailable:
+        await request.send({"type": "websocket.close", "code": CLOSE_GOING_AWAY})
+        return
+    expiry = _expire(request, sink)
+    try:
+        await _serve(sink, _echo_until_closed(request, sink))
+    finally:
+        if expiry is not None:
+            expiry.cancel()
+        hub.detach(sink)
+
+
+async def _echo_until_closed(request: Request, sink: SocketSink) -> None:
+    """Send each message back, one at a time: the next is read only once the reply is on its
+    way and the transport has drained, so a client that sends without reading holds at most
+    a message or two in the hub (the ASGI server stops reading while one waits)."""
+    receive, send = request.receive, request.send
+    limit = request.app.settings.ws_max_size
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            sink.close(CloseReason.UNSUBSCRIBED)
+            return
+        text: str | None = message.get("text")
+        data: bytes = text.encode() if text is not None else message.get("bytes") or b""
+        try:
+            if len(data) > limit:
+                # The ASGI server enforces the same limit first under ``backchannel serve``;
+                # this is for a hub mounted in an app whose server allows more.
+                if not sink.closed:
+                    reason = f"Message exceeds the maximum size ({limit} bytes)"
+                    await send(
+                        {"type": "websocket.close", "code": CLOSE_MESSAGE_TOO_BIG, "reason": reason}
+                    )
+                return
+            if text is not None and sink.direct:
+                sink.write_text(data)
+                sink.flush()
+                await sink.drained()
+            elif text is not None:
+                await send({"type": "websocket.send", "text": text})
+            else:
+                await send({"type": "websocket.send", "bytes": data})
+        except OSError:
+            return  # the client went away (uvicorn's ClientDisconnected)
+        except RuntimeError:
+            if sink.closed:
+                return  # the hub's close (shutdown, token expiry) went out first
+            raise
