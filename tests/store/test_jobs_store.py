@@ -86,6 +86,17 @@ async def test_idempotency_key_returns_the_first_job_per_queue(store: Store) -> 
     assert not replayed_later and later.id != first.id
 
 
+async def test_jobs_made_in_one_millisecond_are_candidates_in_the_order_made(
+    store: Store,
+) -> None:
+    # Redis breaks ties of created_ms by id: ids count up within a millisecond (jobs.new_job_id).
+    made = [job(now=T0) for _ in range(30)]
+    for one in made:
+        await store.job_create(one, idempotency_key=None, now_ms=T0)
+    candidates = await store.job_candidates("q", now_ms=T0, limit=50)
+    assert [j.id for j in candidates] == [j.id for j in made]
+
+
 async def test_candidates_are_queued_oldest_first_then_expired_leases(store: Store) -> None:
     a, _ = await store.job_create(job(now=T0), idempotency_key=None, now_ms=T0)
     b, _ = await store.job_create(job(now=T0 + 1), idempotency_key=None, now_ms=T0 + 1)

@@ -86,10 +86,21 @@ class Job:
     cancel_requested: bool = False
 
 
+_last_id_ms = -1
+_id_seq = 0
+
+
 def new_job_id(now_ms: int) -> str:
-    """32 hex digits: the time in milliseconds (12), then 80 random bits. Ids made later sort
-    later, so a store's index of ids grows at one end instead of everywhere at once."""
-    return f"{now_ms & 0xFFFFFFFFFFFF:012x}{os.urandom(10).hex()}"
+    """32 hex digits: the time in milliseconds (12), a count of the ids this process made in
+    that millisecond (4), then 64 random bits. Ids made later by one process sort later, within
+    a millisecond too: a store's index of ids grows at one end, and a store that breaks ties
+    of ``created_ms`` by id (Redis) hands out jobs submitted together in submission order."""
+    global _last_id_ms, _id_seq
+    if now_ms == _last_id_ms:
+        _id_seq = (_id_seq + 1) & 0xFFFF
+    else:
+        _last_id_ms, _id_seq = now_ms, 0
+    return f"{now_ms & 0xFFFFFFFFFFFF:012x}{_id_seq:04x}{os.urandom(8).hex()}"
 
 
 def valid_job_id(job_id: str) -> bool:
