@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -37,6 +37,17 @@ STOP_TIMEOUT = 10.0
 
 class BenchError(RuntimeError):
     """The benchmark could not run as asked (a missing tool, a hub that did not start...)."""
+
+
+def run_main(main: Callable[[], int], name: str) -> None:
+    """A benchmark script's entry point: exit with ``main()``'s status, with ``name: reason``
+    for a benchmark that could not run, and with 130 on Ctrl-C."""
+    try:
+        sys.exit(main())
+    except (BenchError, OSError) as exc:
+        sys.exit(f"{name}: {exc}")
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 def require_tool(name: str) -> str:

@@ -51,6 +51,7 @@ from hubproc import (
     markdown_table,
     percentile,
     require_tool,
+    run_main,
 )
 
 HUB_CPU = 0
@@ -563,9 +564,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (BenchError, OSError) as exc:
-        sys.exit(f"longpoll_release: {exc}")
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_main(main, "longpoll_release")

@@ -48,6 +48,7 @@ from hubproc import (
     markdown_table,
     process_cpu_seconds,
     require_tool,
+    run_main,
     running,
 )
 
@@ -388,9 +389,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (BenchError, OSError) as exc:
-        sys.exit(f"publish_throughput: {exc}")
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_main(main, "publish_throughput")

@@ -102,6 +102,7 @@ from hubproc import (
     percentile,
     process_cpu_seconds,
     require_tool,
+    run_main,
     stop_process,
 )
 
@@ -1877,9 +1878,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (BenchError, OSError) as exc:
-        sys.exit(f"push_vs_nchan: {exc}")
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_main(main, "push_vs_nchan")

@@ -41,7 +41,14 @@ from base64 import b64encode
 from pathlib import Path
 from typing import Any
 
-from hubproc import BenchError, handle_stop_signals, machine, markdown_table, require_tool
+from hubproc import (
+    BenchError,
+    handle_stop_signals,
+    machine,
+    markdown_table,
+    require_tool,
+    run_main,
+)
 from push_vs_nchan import (
     CLIENT_CPU,
     FD_HEADROOM,
@@ -309,9 +316,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (BenchError, OSError) as exc:
-        sys.exit(f"slow_consumer: {exc}")
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_main(main, "slow_consumer")

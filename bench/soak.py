@@ -42,6 +42,7 @@ from hubproc import (
     machine,
     markdown_table,
     require_tool,
+    run_main,
 )
 from push_vs_nchan import (
     CLIENT_CPU,
@@ -349,9 +350,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (BenchError, OSError) as exc:
-        sys.exit(f"soak: {exc}")
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_main(main, "soak")
