@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from backchannel.core import fanout
 from backchannel.core.fanout import MAX_SET_ASIDE, CloseReason, FanOut
 from backchannel.core.messages import Message
 
@@ -21,12 +22,15 @@ class Sink:
         self.queued: list[bytes] = []
         self.sent: list[bytes] = []
         self.stuck = 0  # bytes a peer has not read
+        self.writes: list[list[bytes]] = []  # what each flush that wrote something wrote
         self.close_reason: CloseReason | None = None
 
     def write(self, data: bytes) -> None:
         self.queued.append(data)
 
     def flush(self) -> None:
+        if self.queued:
+            self.writes.append(list(self.queued))
         self.sent += self.queued
         self.queued = []
 
@@ -44,7 +48,11 @@ class Sink:
         return self.close_reason is not None
 
     def seqs(self) -> list[int]:
-        return [int(frame.split(b":")[0]) for frame in self.sent + self.queued]
+        return self.seqs_of(self.sent + self.queued)
+
+    @staticmethod
+    def seqs_of(frames: list[bytes]) -> list[int]:
+        return [int(frame.split(b":")[0]) for frame in frames]
 
 
 def frame(message: Message) -> bytes:
@@ -278,3 +286,112 @@ async def test_resync_during_a_replay_makes_it_read_once_more() -> None:
     await settle()
     assert sink.seqs() == [1, 2, 3]
     assert len(store.reads) == 2
+
+
+async def test_a_publish_touches_no_subscriber_until_the_flush() -> None:
+    engine = FanOut(Store().read)
+    sinks = [Sink() for _ in range(3)]
+    for sink in sinks:
+        engine.subscribe("c", sink, frame, transport="t", after=None)
+    engine.deliver("c", [msg(1)])
+    assert all(sink.queued == [] for sink in sinks)
+    assert engine.pending == {"c": [msg(1)]}
+    await settle()
+    assert all(sink.seqs() == [1] for sink in sinks)
+    assert engine.pending == {}  # everyone has it: the buffer is let go
+
+
+async def test_a_flush_lets_the_loop_run_between_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fanout, "FLUSH_SLICE", 2)
+    engine = FanOut(Store().read)
+    sinks = [Sink() for _ in range(5)]
+    for sink in sinks:
+        engine.subscribe("c", sink, frame, transport="t", after=None)
+    engine.deliver("c", [msg(1)])
+    await asyncio.sleep(0)  # the flush starts and writes its first slice only
+    assert sum(bool(sink.sent) for sink in sinks) == 2
+    await settle()
+    assert all(sink.seqs() == [1] for sink in sinks)
+
+
+async def test_a_message_heard_mid_flush_rides_along_to_those_not_reached_yet(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(fanout, "FLUSH_SLICE", 1)
+    engine = FanOut(Store().read)
+    sinks = [Sink() for _ in range(4)]
+    for sink in sinks:
+        engine.subscribe("c", sink, frame, transport="t", after=None)
+    engine.deliver("c", [msg(1)])
+    await asyncio.sleep(0)  # one sink has 1
+    engine.deliver("c", [msg(2)])
+    await asyncio.sleep(engine.max_coalesce_delay * 2)  # the next flush may wait a little
+    assert all(sink.seqs() == [1, 2] for sink in sinks)
+    writes = sorted([Sink.seqs_of(write) for write in sink.writes] for sink in sinks)
+    # The one reached before 2 came gets it in a second flush; the others get both at once.
+    assert writes == [[[1], [2]], [[1, 2]], [[1, 2]], [[1, 2]]]
+    assert engine.pending == {}
+
+
+async def test_subscribing_from_now_skips_what_was_heard_before() -> None:
+    engine = FanOut(Store().read)
+    early, late = Sink(), Sink()
+    engine.subscribe("c", early, frame, transport="t", after=None)
+    engine.deliver("c", [msg(1)])  # published, not yet flushed
+    subscription = engine.subscribe("c", late, frame, transport="t", after=None)
+    assert subscription.last_seq == 1
+    engine.deliver("c", [msg(2)])
+    await settle()
+    assert early.seqs() == [1, 2] and late.seqs() == [2]
+
+
+async def test_unsubscribed_during_a_flush_gets_nothing_more(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(fanout, "FLUSH_SLICE", 1)
+    engine = FanOut(Store().read)
+    sinks = [Sink() for _ in range(3)]
+    subscriptions = [
+        engine.subscribe("c", sink, frame, transport="t", after=None) for sink in sinks
+    ]
+    engine.deliver("c", [msg(1)])
+    await asyncio.sleep(0)
+    unreached = [s for s in subscriptions if not s.sink.sent]  # type: ignore[attr-defined]
+    engine.unsubscribe(unreached[0])
+    await settle()
+    assert unreached[0].sink.sent == []  # type: ignore[attr-defined]
+    assert sum(sink.seqs() == [1] for sink in sinks) == 2
+
+
+async def test_a_sink_that_fails_is_closed_and_the_others_still_get_theirs() -> None:
+    engine = FanOut(Store().read)
+
+    class Broken(Sink):
+        def flush(self) -> None:
+            raise OSError("gone")
+
+    broken, fine = Broken(), Sink()
+    engine.subscribe("c", broken, frame, transport="t", after=None)
+    engine.subscribe("c", fine, frame, transport="t", after=None)
+    engine.deliver("c", [msg(1)])
+    await settle()
+    assert broken.close_reason is CloseReason.FAILED
+    assert fine.seqs() == [1]
+    engine.deliver("c", [msg(2)])  # and flushing goes on (after a coalescing delay)
+    await asyncio.sleep(engine.max_coalesce_delay * 2)
+    assert fine.seqs() == [1, 2]
+
+
+async def test_a_subscriber_behind_the_buffer_reads_the_store() -> None:
+    store = Store(last=3)
+    engine = FanOut(store.read)
+    sink = Sink()
+    subscription = engine.subscribe("c", sink, frame, transport="t", after=None)
+    engine.deliver("c", [msg(1)])
+    await settle()
+    subscription.last_seq = 0  # as if 1 had been dropped from the buffer before it got it
+    sink.sent = []
+    engine.deliver("c", [msg(2), msg(3)])
+    await settle()
+    assert sink.seqs() == [1, 2, 3]
+    assert store.reads == [(0, fanout.REPLAY_BATCH)]

@@ -12,13 +12,21 @@ from a cursor first replays history from the store while live messages are set a
 joins the live stream where the two meet, with no gap and no duplicate, even while publishes
 race the replay.
 
-Writes are not made per message: sinks buffer, and the engine flushes every sink that has
-data at once, so a burst of messages reaches a subscriber in one write. When flushes are
-expensive and come back to back (many subscribers, messages arriving faster than they can be
-written one by one), the engine waits before the next flush, at most as long as the last one
-took and never more than ``max_coalesce_delay``, so that each write carries several messages:
-the kernel's cost per write, not per byte, is what limits fan-out. An engine that has been idle
-flushes at once, so a lone message pays no delay.
+A publish does not walk the subscribers: :meth:`FanOut.deliver` appends the message to its
+channel's buffer and schedules a flush, so it costs the same for one subscriber or ten thousand
+and the publisher is answered at once. A flush visits each subscriber of a channel with buffered
+messages once and writes it everything past its cursor in one write; what was buffered when the
+flush began is then let go. The flush runs a slice of :data:`FLUSH_SLICE` subscribers per turn of
+the event loop, so publishes (and everything else) are served between slices, and a message
+heard during a flush rides along to every subscriber the flush has not reached yet; those
+reached before it get it in the next flush. A subscriber is thus written at most once per
+flush however fast messages come: under load every write carries several messages, and the
+kernel's cost per write, not per byte, is what limits fan-out.
+
+Between two flushes the engine may wait for more messages: at most as long as the last flush
+took and never more than ``max_coalesce_delay``, if it ended less than that cap ago. An engine
+that has been idle flushes at once, so a lone message pays no delay.
+
 When the store says notifications may have been lost (:meth:`FanOut.resync`, a shared store
 whose link to the others dropped), every subscription with a cursor reads the store again from
 it, as on a gap. A subscription that started from "now" and has received nothing yet has no
@@ -46,6 +54,9 @@ REPLAY_BATCH = 500
 #: Live messages set aside during a replay, beyond which they are dropped and read again from
 #: the store once the replay gets there.
 MAX_SET_ASIDE = 10_000
+#: Sinks written per turn of the event loop during a flush: small enough that a publish (or a
+#: new subscriber) waits about a millisecond behind a flush to thousands of subscribers.
+FLUSH_SLICE = 128
 
 
 class CloseReason(enum.Enum):
@@ -86,6 +97,7 @@ Reader = Callable[[str, int, int], Awaitable[list[Message]]]
 class Subscription:
     __slots__ = (
         "_catching_up",
+        "_gone",
         "_set_aside",
         "_set_aside_overflowed",
         "channel",
@@ -116,6 +128,8 @@ class Subscription:
         self._catching_up: asyncio.Task[None] | None = None
         self._set_aside: list[Message] = []
         self._set_aside_overflowed = False
+        #: Unsubscribed: a flush under way skips it.
+        self._gone = False
 
     @property
     def live(self) -> bool:
@@ -150,6 +164,15 @@ class Subscription:
 
     def _start_catch_up(self) -> None:
         self._catching_up = asyncio.get_running_loop().create_task(self._catch_up())
+        self.engine.replaying.setdefault(self.channel, set()).add(self)
+
+    def _end_catch_up(self) -> None:
+        self._catching_up = None
+        replaying = self.engine.replaying.get(self.channel)
+        if replaying is not None:
+            replaying.discard(self)
+            if not replaying:
+                del self.engine.replaying[self.channel]
 
     async def _catch_up(self) -> None:
         engine = self.engine
@@ -177,7 +200,7 @@ class Subscription:
                     self._set_aside = waiting
                     continue
                 self._set_aside = []
-                self._catching_up = None
+                self._end_catch_up()
                 if waiting:
                     self.offer(waiting)
                     engine.schedule_flush()
@@ -186,7 +209,7 @@ class Subscription:
             raise
         except Exception:
             log.exception("replay of %s failed; closing the subscription", self.channel)
-            self._catching_up = None
+            self._end_catch_up()
             self.sink.close(CloseReason.FAILED)
 
     def resync(self) -> None:
@@ -200,9 +223,10 @@ class Subscription:
         self._start_catch_up()
 
     def cancel(self) -> None:
+        self._gone = True
         if self._catching_up is not None:
             self._catching_up.cancel()
-            self._catching_up = None
+            self._end_catch_up()
 
 
 class FanOut:
@@ -223,9 +247,20 @@ class FanOut:
         self._last_flush_cost = 0.0
         self._last_flush_end = float("-inf")
         self.channels: dict[str, set[Subscription]] = {}
+        #: Live messages not yet written to every subscriber, by channel: consecutive ids.
+        self.pending: dict[str, list[Message]] = {}
+        #: Subscriptions replaying history, by channel: they set live messages aside.
+        self.replaying: dict[str, set[Subscription]] = {}
+        #: Subscriptions with bytes queued outside a flush (the end of a replay).
         self.dirty: set[Subscription] = set()
         self.attached: set[Sink] = set()
         self._flush_scheduled = False
+        #: The subscriptions the flush under way visits (a slice at a time), or None.
+        self._flushing: list[Subscription] | None = None
+        self._flushed = 0
+        self._flush_cost = 0.0
+        #: The last id of each buffer when the flush under way began.
+        self._marks: dict[str, int] = {}
 
     def subscribe(
         self,
@@ -242,6 +277,12 @@ class FanOut:
         self.channels.setdefault(channel, set()).add(subscription)
         if after is not None:
             subscription._start_catch_up()
+        else:
+            # Messages heard before this call but not yet flushed were published before it:
+            # "from the next message" starts after them.
+            pending = self.pending.get(channel)
+            if pending:
+                subscription.last_seq = pending[-1].seq
         return subscription
 
     def unsubscribe(self, subscription: Subscription) -> None:
@@ -254,12 +295,36 @@ class FanOut:
         self.dirty.discard(subscription)
 
     def deliver(self, channel: str, messages: Sequence[Message]) -> None:
-        """Hand new messages of ``channel`` (in order) to its subscribers."""
-        subscribers = self.channels.get(channel)
-        if not subscribers:
+        """Hand new messages of ``channel`` (in order) to its subscribers.
+
+        Live subscribers take them from the channel's buffer when the next flush reaches them,
+        so a publish costs the same for one subscriber or ten thousand, and a subscriber that
+        a flush under way has not reached yet gets them in the same write as what it was
+        already due."""
+        if not messages or channel not in self.channels:
             return
-        for subscription in subscribers:
-            subscription.offer(messages)
+        replaying = self.replaying.get(channel)
+        if replaying:
+            for subscription in list(replaying):
+                subscription.offer(messages)
+        buffer = self.pending.get(channel)
+        top = buffer[-1].seq if buffer else None
+        for message in messages:
+            seq = message.seq
+            if top is not None and seq <= top:
+                continue  # heard twice
+            if buffer and top is not None and seq != top + 1:
+                # A gap in what was heard. What is buffered goes to every subscriber now, the
+                # slow way, and the buffer starts over: a subscriber then finds itself behind
+                # it and reads the store for what was never announced.
+                for subscription in self.channels[channel]:
+                    if subscription._catching_up is None:
+                        subscription.offer(buffer)
+                buffer = None
+            if buffer is None:
+                buffer = self.pending[channel] = []
+            buffer.append(message)
+            top = seq
         self.schedule_flush()
 
     def resync(self) -> None:
@@ -269,7 +334,9 @@ class FanOut:
                 subscription.resync()
 
     def schedule_flush(self) -> None:
-        if not self._flush_scheduled and self.dirty:
+        if self._flush_scheduled or self._flushing is not None:
+            return  # the flush under way schedules the next when it ends
+        if self.dirty or self.pending:
             self._flush_scheduled = True
             loop = asyncio.get_running_loop()
             delay = self.coalesce_delay()
@@ -287,24 +354,88 @@ class FanOut:
         return min(cap, self._last_flush_cost)
 
     def _flush(self) -> None:
-        began = self._clock()
-        try:
-            self._flush_all()
-        finally:
-            self._last_flush_end = self._clock()
-            self._last_flush_cost = self._last_flush_end - began
-
-    def _flush_all(self) -> None:
+        """Start a flush: every subscriber of a channel with buffered messages, and every
+        subscription with bytes of its own queued, is visited once, a slice at a time."""
         self._flush_scheduled = False
+        visits: list[Subscription] = []
+        marks: dict[str, int] = {}
+        for channel, buffer in self.pending.items():
+            subscribers = self.channels.get(channel)
+            if subscribers:
+                visits.extend(subscribers)
+                marks[channel] = buffer[-1].seq
         dirty, self.dirty = self.dirty, set()
+        visits.extend(dirty)
+        self._flushing = visits
+        self._marks = marks
+        self._flushed = 0
+        self._flush_cost = 0.0
+        self._flush_slice()
+
+    def _flush_slice(self) -> None:
+        """Visit the next :data:`FLUSH_SLICE` subscriptions of the flush under way, then let
+        the event loop run (a publish is answered between two slices, not after the whole
+        flush) before the next slice."""
+        began = self._clock()
+        visits = self._flushing
+        assert visits is not None
+        start = self._flushed
+        end = min(start + FLUSH_SLICE, len(visits))
+        pending = self.pending
         limit = self.max_outbound_bytes
-        for subscription in dirty:
+        for index in range(start, end):
+            subscription = visits[index]
             sink = subscription.sink
-            if sink.closed:
+            if sink.closed or subscription._gone:
                 continue
-            sink.flush()
-            if sink.buffered() > limit:
-                sink.close(CloseReason.SLOW_CONSUMER)
+            try:
+                if subscription._catching_up is None:
+                    buffer = pending.get(subscription.channel)
+                    if buffer:
+                        last = subscription.last_seq
+                        top = buffer[-1].seq
+                        if last is None or last < top:
+                            first = buffer[0].seq
+                            if last is None or last >= first - 1:
+                                encode = subscription.encode
+                                if last == top - 1:
+                                    sink.write(encode(buffer[-1]))
+                                else:
+                                    since = 0 if last is None else last + 1 - first
+                                    for message in buffer[since:]:
+                                        sink.write(encode(message))
+                                subscription.last_seq = top
+                            else:
+                                # Behind what the buffer still holds: read the store.
+                                subscription.offer(buffer)
+                sink.flush()
+                if sink.buffered() > limit:
+                    sink.close(CloseReason.SLOW_CONSUMER)
+            except Exception:
+                log.exception("writing to a subscriber failed; closing it")
+                sink.close(CloseReason.FAILED)
+        now = self._clock()
+        self._flush_cost += now - began
+        if end < len(visits):
+            self._flushed = end
+            asyncio.get_running_loop().call_soon(self._flush_slice)
+            return
+        self._flushing = None
+        # Every subscriber visited has what was buffered when the flush began: drop that.
+        # Whatever came in since is still owed to those visited before it came.
+        for channel, mark in self._marks.items():
+            buffer = pending.get(channel)
+            if buffer is None:
+                continue
+            keep = buffer[-1].seq - mark
+            if keep <= 0:
+                del pending[channel]
+            elif keep < len(buffer):
+                del buffer[: len(buffer) - keep]
+        self._marks = {}
+        self._last_flush_end = now
+        self._last_flush_cost = self._flush_cost
+        self.schedule_flush()  # for what was heard while this one went out
 
     def attach(self, sink: Sink) -> None:
         """Track a connection that may have no subscription yet, so :meth:`close_all` reaches

@@ -156,9 +156,13 @@ class StreamSink:
         size, self._size = self._size, 0
         if transport.is_closing():
             return
-        chunks.insert(0, b"%x\r\n" % size)
-        chunks.append(b"\r\n")
-        transport.writelines(chunks)
+        if len(chunks) == 1:
+            # One buffer, one write(2): cheaper for the kernel than a writev of three.
+            transport.write(b"%x\r\n%s\r\n" % (size, chunks[0]))
+        else:
+            chunks.insert(0, b"%x\r\n" % size)
+            chunks.append(b"\r\n")
+            transport.write(b"".join(chunks))
         self.wrote = True
 
     def buffered(self) -> int:
