@@ -288,11 +288,17 @@ async def test_resync_during_a_replay_makes_it_read_once_more() -> None:
     assert len(store.reads) == 2
 
 
-async def test_a_publish_touches_no_subscriber_until_the_flush() -> None:
-    engine = FanOut(Store().read)
-    sinks = [Sink() for _ in range(3)]
+def subscribed(engine: FanOut, count: int) -> list[Sink]:
+    """``count`` sinks subscribed to channel c from now."""
+    sinks = [Sink() for _ in range(count)]
     for sink in sinks:
         engine.subscribe("c", sink, frame, transport="t", after=None)
+    return sinks
+
+
+async def test_a_publish_touches_no_subscriber_until_the_flush() -> None:
+    engine = FanOut(Store().read)
+    sinks = subscribed(engine, 3)
     engine.deliver("c", [msg(1)])
     assert all(sink.queued == [] for sink in sinks)
     assert engine.pending == {"c": [msg(1)]}
@@ -304,9 +310,7 @@ async def test_a_publish_touches_no_subscriber_until_the_flush() -> None:
 async def test_a_flush_lets_the_loop_run_between_slices(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fanout, "FLUSH_SLICE", 2)
     engine = FanOut(Store().read)
-    sinks = [Sink() for _ in range(5)]
-    for sink in sinks:
-        engine.subscribe("c", sink, frame, transport="t", after=None)
+    sinks = subscribed(engine, 5)
     engine.deliver("c", [msg(1)])
     await asyncio.sleep(0)  # the flush starts and writes its first slice only
     assert sum(bool(sink.sent) for sink in sinks) == 2
@@ -319,9 +323,7 @@ async def test_a_message_heard_mid_flush_rides_along_to_those_not_reached_yet(
 ) -> None:
     monkeypatch.setattr(fanout, "FLUSH_SLICE", 1)
     engine = FanOut(Store().read)
-    sinks = [Sink() for _ in range(4)]
-    for sink in sinks:
-        engine.subscribe("c", sink, frame, transport="t", after=None)
+    sinks = subscribed(engine, 4)
     engine.deliver("c", [msg(1)])
     await asyncio.sleep(0)  # one sink has 1
     engine.deliver("c", [msg(2)])
