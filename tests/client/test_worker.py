@@ -86,7 +86,10 @@ def test_claims_are_sized_by_the_room_and_the_ends_are_reported_in_batches() -> 
     assert sorted(ran) == list(range(40))
     sizes = [len(batch) for batch in fake.reports]
     assert sum(sizes) == 40
-    assert len(sizes) <= 3 and max(sizes) >= 30  # the jobs that ended meanwhile went together
+    # The jobs that ended while the first report was held up went out together, after it
+    # (give or take the last one, whose end may be queued just after the release). How many
+    # the first report took depends on how soon the reporting thread woke.
+    assert len(sizes) <= 3 and max(sizes[1:], default=0) >= 40 - sizes[0] - 1
     results = {o.job.id: o for batch in fake.reports for o in batch}
     assert all(isinstance(o, Completion) for o in results.values())
     assert orjson.dumps(results[job(7).id].result) == b"14"  # encoded by the task's thread

@@ -397,3 +397,31 @@ async def test_a_subscriber_behind_the_buffer_reads_the_store() -> None:
     await settle()
     assert sink.seqs() == [1, 2, 3]
     assert store.reads == [(0, fanout.REPLAY_BATCH)]
+
+
+async def test_a_connection_with_several_subscriptions_gets_one_write_per_flush(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(fanout, "FLUSH_SLICE", 2)  # smaller than its group of 3
+    engine = FanOut(Store().read)
+    mux = Sink()
+    others = [Sink() for _ in range(3)]
+    for channel in ("a", "b", "c"):
+        engine.subscribe(channel, mux, frame, transport="ws", after=None)
+    for sink, channel in zip(others, ("a", "b", "c"), strict=True):
+        engine.subscribe(channel, sink, frame, transport="sse", after=None)
+    engine.deliver("a", [msg(1, "a")])
+    engine.deliver("b", [msg(1, "b")])
+    engine.deliver("c", [msg(1, "c")])
+    await settle()
+    assert len(mux.writes) == 1 and len(mux.writes[0]) == 3
+    assert all(sink.seqs() == [1] for sink in others)
+    # Unsubscribed from all but one: no longer grouped, still delivered.
+    subscriptions = [s for subs in engine.channels.values() for s in subs if s.sink is mux]
+    for subscription in subscriptions[1:]:
+        engine.unsubscribe(subscription)
+    assert not engine._shared
+    kept = subscriptions[0].channel
+    engine.deliver(kept, [msg(2, kept)])
+    await asyncio.sleep(engine.max_coalesce_delay * 2)
+    assert len(mux.writes) == 2 and Sink.seqs_of(mux.writes[1]) == [2]

@@ -19,8 +19,9 @@ messages once and writes it everything past its cursor in one write; what was bu
 flush began is then let go. The flush runs a slice of :data:`FLUSH_SLICE` subscribers per turn of
 the event loop, so publishes (and everything else) are served between slices, and a message
 heard during a flush rides along to every subscriber the flush has not reached yet; those
-reached before it get it in the next flush. A subscriber is thus written at most once per
-flush however fast messages come: under load every write carries several messages, and the
+reached before it get it in the next flush. The subscriptions of a multiplexed connection are
+visited one after another, in one slice, so the connection gets one write for all its channels.
+A subscriber is thus written at most once per flush however fast messages come: under load every write carries several messages, and the
 kernel's cost per write, not per byte, is what limits fan-out.
 
 Between two flushes the engine may wait for more messages: at most as long as the last flush
@@ -261,6 +262,11 @@ class FanOut:
         self._flush_cost = 0.0
         #: The last id of each buffer when the flush under way began.
         self._marks: dict[str, int] = {}
+        #: Does the flush under way visit a connection's subscriptions one after another?
+        self._grouped = False
+        #: Subscriptions per sink, and the sinks with more than one (multiplexed connections).
+        self._subscriptions_of: dict[Sink, int] = {}
+        self._shared: set[Sink] = set()
 
     def subscribe(
         self,
@@ -283,15 +289,27 @@ class FanOut:
             pending = self.pending.get(channel)
             if pending:
                 subscription.last_seq = pending[-1].seq
+        count = self._subscriptions_of.get(sink, 0) + 1
+        self._subscriptions_of[sink] = count
+        if count == 2:
+            self._shared.add(sink)
         return subscription
 
     def unsubscribe(self, subscription: Subscription) -> None:
         subscription.cancel()
         subscribers = self.channels.get(subscription.channel)
-        if subscribers is not None:
-            subscribers.discard(subscription)
+        if subscribers is not None and subscription in subscribers:
+            subscribers.remove(subscription)
             if not subscribers:
                 del self.channels[subscription.channel]
+            sink = subscription.sink
+            count = self._subscriptions_of[sink] - 1
+            if count:
+                self._subscriptions_of[sink] = count
+            else:
+                del self._subscriptions_of[sink]
+            if count == 1:
+                self._shared.discard(sink)
         self.dirty.discard(subscription)
 
     def deliver(self, channel: str, messages: Sequence[Message]) -> None:
@@ -366,11 +384,27 @@ class FanOut:
                 marks[channel] = buffer[-1].seq
         dirty, self.dirty = self.dirty, set()
         visits.extend(dirty)
+        self._grouped = bool(self._shared)
+        if self._grouped:
+            visits = self._group_by_sink(visits)
         self._flushing = visits
         self._marks = marks
         self._flushed = 0
         self._flush_cost = 0.0
         self._flush_slice()
+
+    def _group_by_sink(self, visits: list[Subscription]) -> list[Subscription]:
+        """The same visits with the subscriptions of each multiplexed connection next to each
+        other, so that the connection gets one write for all its channels."""
+        shared = self._shared
+        alone = [subscription for subscription in visits if subscription.sink not in shared]
+        together: dict[Sink, list[Subscription]] = {}
+        for subscription in visits:
+            if subscription.sink in shared:
+                together.setdefault(subscription.sink, []).append(subscription)
+        for subscriptions in together.values():
+            alone.extend(subscriptions)
+        return alone
 
     def _flush_slice(self) -> None:
         """Visit the next :data:`FLUSH_SLICE` subscriptions of the flush under way, then let
@@ -381,15 +415,18 @@ class FanOut:
         assert visits is not None
         start = self._flushed
         end = min(start + FLUSH_SLICE, len(visits))
+        grouped = self._grouped
+        while grouped and end < len(visits) and visits[end].sink is visits[end - 1].sink:
+            end += 1  # a connection's subscriptions stay in one slice: one write for them all
         pending = self.pending
         limit = self.max_outbound_bytes
         for index in range(start, end):
             subscription = visits[index]
             sink = subscription.sink
-            if sink.closed or subscription._gone:
+            if sink.closed:
                 continue
             try:
-                if subscription._catching_up is None:
+                if subscription._catching_up is None and not subscription._gone:
                     buffer = pending.get(subscription.channel)
                     if buffer:
                         last = subscription.last_seq
@@ -408,6 +445,8 @@ class FanOut:
                             else:
                                 # Behind what the buffer still holds: read the store.
                                 subscription.offer(buffer)
+                if grouped and index + 1 < end and visits[index + 1].sink is sink:
+                    continue  # the connection's next subscription writes for both
                 sink.flush()
                 if sink.buffered() > limit:
                     sink.close(CloseReason.SLOW_CONSUMER)
