@@ -21,8 +21,9 @@ the event loop, so publishes (and everything else) are served between slices, an
 heard during a flush rides along to every subscriber the flush has not reached yet; those
 reached before it get it in the next flush. The subscriptions of a multiplexed connection are
 visited one after another, in one slice, so the connection gets one write for all its channels.
-A subscriber is thus written at most once per flush however fast messages come: under load every write carries several messages, and the
-kernel's cost per write, not per byte, is what limits fan-out.
+A subscriber is thus written at most once per flush however fast messages come: under load
+every write carries several messages, and the kernel's cost per write, not per byte, is what
+limits fan-out.
 
 Between two flushes the engine may wait for more messages: at most as long as the last flush
 took and never more than ``max_coalesce_delay``, if it ended less than that cap ago. An engine
