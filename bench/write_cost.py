@@ -25,8 +25,8 @@ waits: cheap for the sender, late for the reader.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
+import math
 import os
 import resource
 import selectors
@@ -34,25 +34,48 @@ import signal
 import socket
 import time
 
-from hubproc import BenchError, machine, markdown_table, run_main
+from hubproc import BenchError, machine, markdown_table, percentile, run_main
 
 
-def reader(port: int, count: int, batch_bytes: int, ready: int) -> None:
-    """The reading side (a forked child on CPU 1): connect, read until killed."""
+def reader(port: int, count: int, batch_bytes: int, ready: int, stop: int) -> None:
+    """The reading side (a forked child on CPU 1): connect, read, and time what the prompt
+    readers get until ``stop`` becomes readable; then write their latencies' summary (JSON)
+    to ``ready``."""
     os.sched_setaffinity(0, {1})
     selector = selectors.DefaultSelector()
+    prompt: dict[int, bytes] = {}
     for index in range(count):
         sock = socket.create_connection(("127.0.0.1", port))
         if index % 10 and batch_bytes:
             mark = batch_bytes // 2 + (index * 7919) % batch_bytes
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, mark)
+        else:
+            prompt[sock.fileno()] = b""
         sock.setblocking(False)
         selector.register(sock, selectors.EVENT_READ)
+    selector.register(stop, selectors.EVENT_READ)
     os.write(ready, b"x")
+    latencies: list[float] = []
     while True:
         for key, _ in selector.select():
-            with contextlib.suppress(BlockingIOError):
-                key.fileobj.recv(1 << 20)  # type: ignore[union-attr]
+            if key.fd == stop:
+                latencies.sort()
+                summary = {
+                    "probe_deliveries": len(latencies),
+                    "probe_p50_ms": percentile(latencies, 50),
+                    "probe_p99_ms": percentile(latencies, 99),
+                    "probe_max_ms": latencies[-1] if latencies else math.nan,
+                }
+                os.write(ready, json.dumps(summary).encode())
+                return
+            try:
+                data = key.fileobj.recv(1 << 20)  # type: ignore[union-attr]
+            except BlockingIOError:
+                continue
+            if key.fd in prompt:
+                now = time.time_ns()
+                *lines, prompt[key.fd] = (prompt[key.fd] + data).split(b"\n")
+                latencies.extend((now - int(line[:19])) / 1e6 for line in lines)
 
 
 def measure(args: argparse.Namespace, nodelay: bool) -> dict[str, float]:
@@ -61,11 +84,12 @@ def measure(args: argparse.Namespace, nodelay: bool) -> dict[str, float]:
     listener.listen(min(args.subscribers, 4096))
     port = listener.getsockname()[1]
     ready_r, ready_w = os.pipe()
+    stop_r, stop_w = os.pipe()
     child = os.fork()
     if child == 0:  # pragma: no cover - the child never returns
         try:
             listener.close()
-            reader(port, args.subscribers, args.batch_bytes, ready_w)
+            reader(port, args.subscribers, args.batch_bytes, ready_w, stop_r)
         finally:
             os._exit(0)
     try:
@@ -78,10 +102,11 @@ def measure(args: argparse.Namespace, nodelay: bool) -> dict[str, float]:
         if os.read(ready_r, 1) != b"x":
             raise BenchError("the reader process did not start")
         time.sleep(args.settle)
-        data = b"x" * args.message_bytes
+        pad = b"x" * (args.message_bytes - 20)
         before = resource.getrusage(resource.RUSAGE_SELF)
         started = time.perf_counter()
         for round_ in range(args.rounds):
+            data = b"%019d" % time.time_ns() + pad + b"\n"
             for conn in connections:
                 conn.send(data)
             wait = started + (round_ + 1) / args.rate - time.perf_counter()
@@ -89,6 +114,9 @@ def measure(args: argparse.Namespace, nodelay: bool) -> dict[str, float]:
                 time.sleep(wait)
         elapsed = time.perf_counter() - started
         after = resource.getrusage(resource.RUSAGE_SELF)
+        time.sleep(args.settle)  # the prompt readers read what is in flight
+        os.write(stop_w, b"x")
+        probes = json.loads(os.read(ready_r, 4096))
     finally:
         os.kill(child, signal.SIGKILL)
         os.waitpid(child, 0)
@@ -103,6 +131,7 @@ def measure(args: argparse.Namespace, nodelay: bool) -> dict[str, float]:
         "system_us_per_write": 1e6 * system / writes,
         "cpu_percent": 100 * (user + system) / elapsed,
         "rounds_per_second": args.rounds / elapsed,
+        **probes,
     }
 
 
@@ -114,7 +143,9 @@ def main() -> int:
     parser.add_argument("--subscribers", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=1000, help="messages sent to every one")
     parser.add_argument("--rate", type=float, default=200.0, help="rounds per second (at most)")
-    parser.add_argument("--message-bytes", type=int, default=130, help="bytes per write")
+    parser.add_argument(
+        "--message-bytes", type=int, default=130, help="bytes per write (at least 21)"
+    )
     parser.add_argument(
         "--batch-bytes", type=int, default=16384, help="about the SO_RCVLOWAT of 9 in 10 readers"
     )
@@ -123,9 +154,11 @@ def main() -> int:
     args = parser.parse_args()
     if (os.cpu_count() or 1) < 2:
         raise BenchError("needs 2 CPUs: the writer on CPU 0, the readers on CPU 1")
-    for name in ("subscribers", "rounds", "message_bytes"):
+    for name in ("subscribers", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.message_bytes < 21:
+        parser.error("--message-bytes must be at least 21 (a 19-digit send time and a newline)")
     if args.rate <= 0:
         parser.error("--rate must be positive")
     results = {
@@ -144,10 +177,18 @@ def main() -> int:
             f"{r['system_us_per_write']:.2f}",
             f"{r['cpu_percent']:.0f}%",
             f"{r['rounds_per_second']:.0f}",
+            f"{r['probe_p50_ms']:.2f} / {r['probe_p99_ms']:.2f} / {r['probe_max_ms']:.2f}",
         ]
         for name, r in results.items()
     ]
-    headers = ["", "user µs per write", "system µs per write", "writer CPU", "rounds/s"]
+    headers = [
+        "",
+        "user µs per write",
+        "system µs per write",
+        "writer CPU",
+        "rounds/s",
+        "prompt readers' p50 / p99 / max ms",
+    ]
     print(markdown_table(headers, rows))
     if args.json:
         with open(args.json, "w") as out:
