@@ -105,6 +105,7 @@ from hubproc import (
     process_cpu_seconds,
     require_tool,
     run_main,
+    spread_batch,
     stop_process,
 )
 
@@ -975,17 +976,6 @@ async def wait_subscribed(
 
 
 # -- the publisher (a child process) ------------------------------------------------------------
-
-
-def spread_batch(batch_bytes: int, index: int) -> int:
-    """The ``SO_RCVLOWAT`` of the ``index``-th untimed subscriber: spread over
-    [batch_bytes / 2, 3 * batch_bytes / 2) so that the untimed subscribers, who all receive the
-    same bytes at about the same time, do not all wake the load generator at once. With one
-    shared mark, every ~16 KiB the 900 of them woke together, and the probes read behind that
-    burst: it added up to ~40 ms to both servers' p99 (more than the servers' own tails)."""
-    if not batch_bytes:
-        return 0
-    return batch_bytes // 2 + (index * 7919) % batch_bytes
 
 
 def payload(seq: int, sent_ns: int, size: int) -> bytes:

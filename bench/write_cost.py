@@ -34,7 +34,7 @@ import signal
 import socket
 import time
 
-from hubproc import BenchError, machine, markdown_table, percentile, run_main
+from hubproc import BenchError, machine, markdown_table, percentile, run_main, spread_batch
 
 
 def reader(port: int, count: int, batch_bytes: int, ready: int, stop: int) -> None:
@@ -47,7 +47,7 @@ def reader(port: int, count: int, batch_bytes: int, ready: int, stop: int) -> No
     for index in range(count):
         sock = socket.create_connection(("127.0.0.1", port))
         if index % 10 and batch_bytes:
-            mark = batch_bytes // 2 + (index * 7919) % batch_bytes
+            mark = spread_batch(batch_bytes, index)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, mark)
         else:
             prompt[sock.fileno()] = b""
