@@ -56,8 +56,8 @@ REPLAY_BATCH = 500
 #: Live messages set aside during a replay, beyond which they are dropped and read again from
 #: the store once the replay gets there.
 MAX_SET_ASIDE = 10_000
-#: Sinks written per turn of the event loop during a flush: small enough that a publish (or a
-#: new subscriber) waits about a millisecond behind a flush to thousands of subscribers.
+#: Subscriptions visited per turn of the event loop during a flush: few enough that a publish
+#: (or a new subscriber) waits about a millisecond behind a flush to thousands of subscribers.
 FLUSH_SLICE = 128
 
 
