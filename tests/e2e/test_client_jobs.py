@@ -66,11 +66,13 @@ def test_submit_then_a_worker_returns_the_result(hub: HubProcess) -> None:
 
 
 def test_progress_is_seen_version_by_version(hub: HubProcess) -> None:
-    go = threading.Event()
+    # The task reports a step only once the client has seen the one before (the first once it
+    # has seen anything): every step is its own version, and none is overwritten unseen.
+    seen_before = {None: threading.Event(), 25: threading.Event(), 50: threading.Event()}
 
     def steps(payload: Any, job: JobContext) -> str:
-        for pct in (25, 50, 75):
-            go.wait(5)
+        for before, pct in ((None, 25), (25, 50), (50, 75)):
+            assert seen_before[before].wait(10)
             job.progress(pct)
         return "done"
 
@@ -80,7 +82,9 @@ def test_progress_is_seen_version_by_version(hub: HubProcess) -> None:
         seen = []
         for job in handle.progress():
             seen.append((job.state, job.progress))
-            go.set()
+            seen_before[None].set()
+            if job.progress in seen_before:
+                seen_before[job.progress].set()
     worker.stop()
     assert seen[-1] == ("succeeded", 75)
     assert [p for s, p in seen if s == "running" and p is not None] == [25, 50, 75]
