@@ -79,6 +79,18 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
+async def replay_held(last: int) -> tuple[Store, FanOut, Sink]:
+    """A sink subscribed from the start of a channel whose history (1 to ``last``) is being
+    read: the read waits on ``store.gate``."""
+    store = Store(last=last)
+    store.gate = asyncio.Event()
+    engine = FanOut(store.read)
+    sink = Sink()
+    engine.subscribe("c", sink, frame, transport="t", after=0)
+    await settle()
+    return store, engine, sink
+
+
 async def test_live_delivery_in_order_and_coalesced() -> None:
     engine = FanOut(Store().read)
     sink = Sink()
@@ -124,12 +136,7 @@ async def test_a_gap_is_filled_from_the_store() -> None:
 
 
 async def test_replay_then_live_join_at_the_seam() -> None:
-    store = Store(last=3)
-    store.gate = asyncio.Event()
-    engine = FanOut(store.read)
-    sink = Sink()
-    engine.subscribe("c", sink, frame, transport="t", after=0)
-    await settle()
+    store, engine, sink = await replay_held(last=3)
     # Published while the replay read is in flight; 3 is both in the read and announced.
     engine.deliver("c", [msg(3), msg(4)])
     engine.deliver("c", [msg(5)])
@@ -139,12 +146,7 @@ async def test_replay_then_live_join_at_the_seam() -> None:
 
 
 async def test_replay_reads_again_when_live_messages_are_beyond_its_snapshot() -> None:
-    store = Store(last=2)
-    store.gate = asyncio.Event()
-    engine = FanOut(store.read)
-    sink = Sink()
-    engine.subscribe("c", sink, frame, transport="t", after=0)
-    await settle()
+    store, engine, sink = await replay_held(last=2)
     engine.deliver("c", [msg(4)])  # 3 was committed after the snapshot but not announced yet
     store.last = 4
     store.gate.set()
@@ -155,12 +157,7 @@ async def test_replay_reads_again_when_live_messages_are_beyond_its_snapshot() -
 
 
 async def test_set_aside_overflow_falls_back_to_the_store() -> None:
-    store = Store(last=1)
-    store.gate = asyncio.Event()
-    engine = FanOut(store.read)
-    sink = Sink()
-    engine.subscribe("c", sink, frame, transport="t", after=0)
-    await settle()
+    store, engine, sink = await replay_held(last=1)
     flood = [msg(s) for s in range(2, MAX_SET_ASIDE + 10)]
     engine.deliver("c", flood)
     store.last = flood[-1].seq
@@ -274,12 +271,7 @@ async def test_resync_reads_what_was_never_announced() -> None:
 
 
 async def test_resync_during_a_replay_makes_it_read_once_more() -> None:
-    store = Store(last=2)
-    store.gate = asyncio.Event()
-    engine = FanOut(store.read)
-    sink = Sink()
-    engine.subscribe("c", sink, frame, transport="t", after=0)
-    await settle()
+    store, engine, sink = await replay_held(last=2)
     store.last = 3  # appended after the replay's read began; its notification was lost
     engine.resync()
     store.gate.set()
