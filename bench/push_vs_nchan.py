@@ -20,8 +20,13 @@ Workloads (``--workloads``):
 ``latency-sse`` / ``latency-ws``
     S subscribers (``--latency-subscribers``, 1000); the publisher sends ``--rate`` (200)
     messages per second for ``--duration`` (10) seconds, each carrying ``time.time_ns()``
-    taken just before its request is written (a publish waits for the previous one's answer;
-    when answers are slow the publisher falls behind its schedule, which is reported). A timed
+    taken just before its request is written. By default (``--publisher open``) each request
+    is written at its scheduled time, pipelined on the one connection behind those not
+    answered yet, so every server gets the same offered rate and a publish that waits inside
+    the server is timed. ``--publisher closed`` is the sequential publisher of the throughput
+    runs at a fixed rate: a publish waits for the previous one's answer, so a server that
+    answers after its fan-out holds the publisher back (it falls behind its schedule, which
+    is reported) and that wait is missing from the latency from the send time. A timed
     subscriber notes ``time.time_ns()`` when the bytes holding a message are handed to it;
     reported are p50 / p99 / max of (receive - send) over the timed subscribers' deliveries,
     and the same from the time the schedule meant each message to be sent.
@@ -87,6 +92,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -113,6 +119,8 @@ SERVER_CPU = 0
 CLIENT_CPU = 1
 CONNECT_CONCURRENCY = 256
 CONTROL_TIMEOUT = 10.0
+#: How long an open-loop publisher waits for the answers once it has sent everything.
+ANSWERS_TIMEOUT = 60.0
 SERVER_START_TIMEOUT = 15.0
 FD_HEADROOM = 256
 HEADER_END = b"\r\n\r\n"
@@ -988,10 +996,14 @@ def payload(seq: int, sent_ns: int, size: int) -> bytes:
 
 
 def publisher_child(spec_text: str) -> int:
-    """The publisher: sequential POSTs on one keep-alive connection, at a fixed rate or as fast
-    as the answers come. Prints ``ready`` once connected, starts on a ``go`` line from stdin and
-    prints one JSON line with what happened."""
+    """The publisher: POSTs on one keep-alive connection, at a fixed rate or as fast as the
+    answers come. With ``open`` (and a rate) each request is written at its scheduled time,
+    pipelined behind those not answered yet, and a thread reads the answers; else each waits
+    for the previous answer. Prints ``ready`` once connected, starts on a ``go`` line from
+    stdin and prints one JSON line with what happened."""
     spec = json.loads(spec_text)
+    if spec.get("open") and spec["rate"]:
+        return open_loop_publisher(spec)
     host: str = spec["host"]
     port: int = spec["port"]
     count: int = spec["count"]
@@ -1053,6 +1065,81 @@ def publisher_child(spec_text: str) -> int:
     return 0
 
 
+def open_loop_publisher(spec: dict[str, Any]) -> int:
+    """:func:`publisher_child` at a fixed rate, open loop: the schedule alone decides when a
+    request is written, so a server that answers slowly gets the same offered load as one that
+    answers at once, and what its publishes wait shows in the delivery latency (no
+    "coordinated omission"). The answers come back in order on the same connection."""
+    host: str = spec["host"]
+    port: int = spec["port"]
+    count: int = spec["count"]
+    rate: float = spec["rate"]
+    size: int = spec["size"]
+    ok = set(spec["ok"])
+    head = (
+        f"POST {spec['path']} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {size}\r\n\r\n"
+    ).encode()
+    sock = socket.create_connection((host, port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    print("ready", flush=True)
+    if sys.stdin.readline().strip() != "go":
+        return 1
+    statuses: dict[int, int] = {}
+    failure: list[str] = []
+    first_error: list[str] = []
+
+    def read_answers() -> None:
+        buffer = bytearray()
+        try:
+            for seq in range(count):
+                status, body, close = read_response(sock, buffer)
+                statuses[status] = statuses.get(status, 0) + 1
+                if status not in ok and not first_error:
+                    first_error.append(f"message {seq}: status {status}: {body[:300]!r}")
+                if close and seq + 1 < count:
+                    raise ConnectionError(
+                        f"the server closed the connection after answering message {seq}; "
+                        "the requests pipelined behind it were lost"
+                    )
+        except Exception as exc:  # reported in the result line
+            failure.append(f"{type(exc).__name__}: {exc}")
+
+    reader = threading.Thread(target=read_answers, name="answers", daemon=True)
+    late = 0
+    cpu_started = time.process_time()
+    started_ns = time.time_ns()
+    started = time.perf_counter()
+    reader.start()
+    for seq in range(count):
+        delay = started + seq / rate - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        elif delay < -0.001:
+            late += 1
+        if failure:
+            break
+        sock.sendall(head + payload(seq, time.time_ns(), size))
+    reader.join(timeout=ANSWERS_TIMEOUT)
+    elapsed = time.perf_counter() - started
+    if reader.is_alive():
+        failure.append(f"not every publish was answered within {ANSWERS_TIMEOUT:g} s")
+    result = {
+        "published": count,
+        "acknowledged": sum(n for s, n in statuses.items() if s in ok),
+        "statuses": {str(s): n for s, n in sorted(statuses.items())},
+        "first_error": (failure + first_error or [None])[0],
+        "reconnects": 0,
+        "late": late,
+        "elapsed_s": elapsed,
+        "started_ns": started_ns,
+        "cpu_s": time.process_time() - cpu_started,
+    }
+    sock.close()
+    print(json.dumps(result), flush=True)
+    return 0
+
+
 def read_response(sock: socket.socket, buffer: bytearray) -> tuple[int, bytes, bool]:
     """Read one response with a ``Content-Length`` body: status, body, and whether the server
     will close the connection."""
@@ -1084,9 +1171,17 @@ class Publisher:
 
     @classmethod
     async def start(
-        cls, server: Server, channel: str, *, count: int, rate: float, size: int
+        cls,
+        server: Server,
+        channel: str,
+        *,
+        count: int,
+        rate: float,
+        size: int,
+        open_loop: bool = False,
     ) -> Publisher:
         spec = {
+            "open": open_loop,
             "host": server.host,
             "port": server.port,
             "path": server.publish_path(channel),
@@ -1267,7 +1362,12 @@ async def push_case(
         )
         await asyncio.sleep(args.settle)
         publisher = await Publisher.start(
-            server, channel, count=count, rate=rate, size=args.message_bytes
+            server,
+            channel,
+            count=count,
+            rate=rate,
+            size=args.message_bytes,
+            open_loop=latency and args.publisher == "open",
         )
         limit = args.duration + args.timeout if latency else args.timeout
         with quiet_gc():
@@ -1728,6 +1828,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--duration", type=float, default=10.0, help="seconds of publishing in the latency runs"
+    )
+    parser.add_argument(
+        "--publisher",
+        choices=("open", "closed"),
+        default="open",
+        help="latency runs: 'open' writes each publish at its scheduled time, pipelined behind "
+        "those not answered yet (the offered rate is the same for every server, and a publish "
+        "that waits in the server is timed); 'closed' sends each publish only once the "
+        "previous one is answered (a server that answers after its fan-out slows the "
+        "publisher down, and that wait is not in the latency from the send time)",
     )
     parser.add_argument(
         "--latency-probes",
