@@ -1002,8 +1002,6 @@ def publisher_child(spec_text: str) -> int:
     for the previous answer. Prints ``ready`` once connected, starts on a ``go`` line from
     stdin and prints one JSON line with what happened."""
     spec = json.loads(spec_text)
-    if spec.get("open") and spec["rate"]:
-        return open_loop_publisher(spec)
     host: str = spec["host"]
     port: int = spec["port"]
     count: int = spec["count"]
@@ -1024,6 +1022,8 @@ def publisher_child(spec_text: str) -> int:
     print("ready", flush=True)
     if sys.stdin.readline().strip() != "go":
         return 1
+    if spec.get("open") and rate:
+        return open_loop_publisher(sock, head, count=count, rate=rate, size=size, ok=ok)
     buffer = bytearray()
     statuses: dict[int, int] = {}
     first_error: str | None = None
@@ -1049,42 +1049,27 @@ def publisher_child(spec_text: str) -> int:
             sock = connect()
             reconnects += 1
     elapsed = time.perf_counter() - started
-    result = {
-        "published": count,
-        "acknowledged": sum(n for s, n in statuses.items() if s in ok),
-        "statuses": {str(s): n for s, n in sorted(statuses.items())},
-        "first_error": first_error,
-        "reconnects": reconnects,
-        "late": late,
-        "elapsed_s": elapsed,
-        "started_ns": started_ns,
-        "cpu_s": time.process_time() - cpu_started,
-    }
     sock.close()
-    print(json.dumps(result), flush=True)
-    return 0
+    return report_published(
+        count,
+        statuses,
+        ok,
+        first_error=first_error,
+        reconnects=reconnects,
+        late=late,
+        elapsed_s=elapsed,
+        started_ns=started_ns,
+        cpu_s=time.process_time() - cpu_started,
+    )
 
 
-def open_loop_publisher(spec: dict[str, Any]) -> int:
+def open_loop_publisher(
+    sock: socket.socket, head: bytes, *, count: int, rate: float, size: int, ok: set[int]
+) -> int:
     """:func:`publisher_child` at a fixed rate, open loop: the schedule alone decides when a
     request is written, so a server that answers slowly gets the same offered load as one that
     answers at once, and what its publishes wait shows in the delivery latency (no
     "coordinated omission"). The answers come back in order on the same connection."""
-    host: str = spec["host"]
-    port: int = spec["port"]
-    count: int = spec["count"]
-    rate: float = spec["rate"]
-    size: int = spec["size"]
-    ok = set(spec["ok"])
-    head = (
-        f"POST {spec['path']} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {size}\r\n\r\n"
-    ).encode()
-    sock = socket.create_connection((host, port))
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    print("ready", flush=True)
-    if sys.stdin.readline().strip() != "go":
-        return 1
     statuses: dict[int, int] = {}
     failure: list[str] = []
     first_error: list[str] = []
@@ -1124,18 +1109,44 @@ def open_loop_publisher(spec: dict[str, Any]) -> int:
     elapsed = time.perf_counter() - started
     if reader.is_alive():
         failure.append(f"not every publish was answered within {ANSWERS_TIMEOUT:g} s")
+    sock.close()
+    return report_published(
+        count,
+        statuses,
+        ok,
+        first_error=(failure + first_error or [None])[0],
+        reconnects=0,
+        late=late,
+        elapsed_s=elapsed,
+        started_ns=started_ns,
+        cpu_s=time.process_time() - cpu_started,
+    )
+
+
+def report_published(
+    count: int,
+    statuses: dict[int, int],
+    ok: set[int],
+    *,
+    first_error: str | None,
+    reconnects: int,
+    late: int,
+    elapsed_s: float,
+    started_ns: int,
+    cpu_s: float,
+) -> int:
+    """Print the publisher's one result line (read by :class:`Publisher`)."""
     result = {
         "published": count,
         "acknowledged": sum(n for s, n in statuses.items() if s in ok),
         "statuses": {str(s): n for s, n in sorted(statuses.items())},
-        "first_error": (failure + first_error or [None])[0],
-        "reconnects": 0,
+        "first_error": first_error,
+        "reconnects": reconnects,
         "late": late,
-        "elapsed_s": elapsed,
+        "elapsed_s": elapsed_s,
         "started_ns": started_ns,
-        "cpu_s": time.process_time() - cpu_started,
+        "cpu_s": cpu_s,
     }
-    sock.close()
     print(json.dumps(result), flush=True)
     return 0
 
