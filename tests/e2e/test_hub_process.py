@@ -199,6 +199,21 @@ async def _raw_long_poll(
     return reader, writer
 
 
+def test_listen_backlog_is_what_the_kernel_queues(hub_factory: type[HubProcess]) -> None:
+    """``ss`` shows a listening socket's backlog as its Send-Q: both ports take the setting."""
+    hub = hub_factory("--listen-backlog", "777").start()
+    port = urlsplit(hub.url).port
+    shown = subprocess.run(
+        ["ss", "-Hltn", f"( sport = :{port} or sport = :{hub.tcp_port} )"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    # State Recv-Q Send-Q Local-Address:Port Peer-Address:Port, once per socket.
+    assert len(shown) == 10
+    assert shown[2] == shown[7] == "777"
+
+
 def test_a_thousand_long_polls_released_by_one_publish(hub: HubProcess) -> None:
     parts = urlsplit(hub.url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80

@@ -44,6 +44,8 @@ def test_default_store_is_sqlite_in_the_data_dir() -> None:
         ({"BACKCHANNEL_PORT": "70000"}, "port"),
         ({"BACKCHANNEL_SLOW_CONSUMER_GRACE": "-1"}, "slow_consumer_grace"),
         ({"BACKCHANNEL_SLOW_CONSUMER_GRACE": "86400"}, "slow_consumer_grace"),
+        ({"BACKCHANNEL_LISTEN_BACKLOG": "0"}, "listen_backlog"),
+        ({"BACKCHANNEL_LISTEN_BACKLOG": "65536"}, "listen_backlog"),
     ],
 )
 def test_bad_values_name_the_setting(env: dict[str, str], message: str) -> None:

@@ -128,6 +128,12 @@ class Settings:
         "open connections of every transport at once; past it new ones get 503 (TCP: an "
         "ERROR frame). 0: the open file limit less 128",
     )
+    listen_backlog: int = _setting(
+        4096,
+        "connections (per port) the kernel holds until the hub accepts them; a burst of new "
+        "connections beyond it waits a second or more for the client's SYN to be sent again. "
+        "Linux caps it at net.core.somaxconn",
+    )
     tcp: bool = _setting(True, "serve the raw TCP protocol")
     tcp_port: int = _setting(7000, "TCP port for the binary protocol (0 picks a free one)")
     workers: int = _setting(
@@ -240,6 +246,8 @@ class Settings:
                 raise ValueError(f"{name} must be between 0 and 65535")
         if not 0 <= self.slow_consumer_grace <= 3600:
             raise ValueError("slow_consumer_grace must be between 0 and 3600 seconds")
+        if not 1 <= self.listen_backlog <= 65535:
+            raise ValueError("listen_backlog must be between 1 and 65535")
         if self.max_connections < 0:
             raise ValueError("max_connections must not be negative (0 derives it)")
         if self.sse_retry < 0:

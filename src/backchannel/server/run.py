@@ -67,6 +67,7 @@ class _Server(uvicorn.Server):
                 slow_consumer_grace=settings.slow_consumer_grace,
                 hello_timeout=settings.header_timeout,
                 limit=self._limit,
+                backlog=settings.listen_backlog,
             )
             await self._tcp.start(self._tcp_socket)
         self._on_ready()
@@ -203,6 +204,7 @@ def run_server(
         ws_per_message_deflate=False,
         server_header=False,
         date_header=True,
+        backlog=settings.listen_backlog,
     )
     # After uvicorn's Config, which sets up its loggers.
     logging.getLogger("uvicorn.access").addFilter(_redact_tokens)

@@ -38,8 +38,9 @@ log = logging.getLogger("backchannel.tcp")
 SERVER_NAME = f"backchannel/{__version__}"
 #: Publishes in flight on one connection before it stops reading.
 MAX_IN_FLIGHT = 64
-#: Connections the kernel queues before the hub accepts them (create_server listens again).
-LISTEN_BACKLOG = 2048
+#: Connections the kernel queues before the hub accepts them, unless told otherwise
+#: (``listen_backlog``; create_server listens again).
+LISTEN_BACKLOG = 4096
 
 
 def tcp_frame(message: Message) -> bytes:
@@ -354,8 +355,10 @@ class TcpServer:
         slow_consumer_grace: float = 5.0,
         hello_timeout: float = 10.0,
         limit: ConnectionLimit | None = None,
+        backlog: int = LISTEN_BACKLOG,
     ) -> None:
         self.hub = hub
+        self.backlog = backlog
         self.auth = auth or Authenticator(())
         self.slow_consumer_grace = slow_consumer_grace
         # Room for a message of max_message_bytes plus the fields around it.
@@ -375,7 +378,7 @@ class TcpServer:
 
     async def start(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._accept, sock=sock, backlog=LISTEN_BACKLOG)
+        self._server = await loop.create_server(self._accept, sock=sock, backlog=self.backlog)
 
     def stop_accepting(self) -> None:
         if self._server is not None:
