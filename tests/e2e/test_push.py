@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import time
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -226,6 +228,34 @@ async def test_shutdown_ends_every_stream(hub: HubProcess) -> None:
     assert sse.retries == 2  # one when the stream opened, one telling the browser to come back
     assert hub.proc.wait(15) == 0  # type: ignore[union-attr]
     assert ended_after < 15  # a hang guard; docs/benchmarks.md reports the real time
+
+
+async def test_streams_ended_by_a_shutdown_come_back_at_different_times(
+    hub_factory: type[HubProcess],
+) -> None:
+    """Each stream's last ``retry:`` is between --sse-retry and twice that, and not the same
+    for all: a restarted hub does not get every browser back in the same millisecond."""
+    hub = hub_factory("--sse-retry", "1", "--store", "memory://").start()
+    host, port = urlsplit(hub.url).hostname, urlsplit(hub.url).port
+    request = f"GET /v1/channels/news/events HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    streams = []
+    for _ in range(12):
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(request)
+        streams.append((reader, writer))
+    async with httpx.AsyncClient(base_url=hub.url) as http:
+        await wait_for_subscribers(http, "news", "sse", len(streams))
+    hub.proc.terminate()  # type: ignore[union-attr]
+    last_retries = []
+    for reader, writer in streams:
+        body = await asyncio.wait_for(reader.read(), 15)  # until the hub closes
+        writer.close()
+        values = [int(v) for v in re.findall(rb"retry: (\d+)", body)]
+        assert values[0] == 1000  # the stream's first, as configured
+        last_retries.append(values[-1])
+    assert all(1000 <= v <= 2000 for v in last_retries), last_retries
+    assert len(set(last_retries)) > 1, last_retries
+    assert hub.proc.wait(15) == 0  # type: ignore[union-attr]
 
 
 async def test_sse_headers_heartbeat_and_multi_channel_resume(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import Callable
 
 import orjson
@@ -59,6 +60,13 @@ TAIL_TIMEOUT = 1.0
 
 def sse_frame(message: Message) -> bytes:
     return message.sse
+
+
+def comeback_ms(retry_ms: int, rand: Callable[[], float] = random.random) -> int:
+    """The ``retry:`` of a stream the hub ends because it is stopping: somewhere between
+    ``retry_ms`` and twice that, so that the browsers of thousands of streams do not all come
+    back to the restarted hub in the same moment (and overflow its listen queue)."""
+    return retry_ms + int(retry_ms * rand())
 
 
 class StreamSink:
@@ -209,7 +217,7 @@ class StreamSink:
         elif reason is not CloseReason.UNSUBSCRIBED and not transport.is_closing():
             tail = b"".join(self._chunks)
             if reason is CloseReason.SHUTTING_DOWN:
-                tail += encode_retry(self.retry_ms)
+                tail += encode_retry(comeback_ms(self.retry_ms))
             elif reason is CloseReason.TOKEN_EXPIRED:
                 tail += TOKEN_EXPIRED_EVENT
             if tail:
@@ -270,7 +278,7 @@ class StreamSink:
         else:
             tail, timeout = b"".join(self._chunks), TAIL_TIMEOUT
         if self.close_reason is CloseReason.SHUTTING_DOWN:
-            tail += encode_retry(self.retry_ms)  # tells the browser when to come back
+            tail += encode_retry(comeback_ms(self.retry_ms))  # when the browser comes back
         elif self.close_reason is CloseReason.TOKEN_EXPIRED:
             tail += TOKEN_EXPIRED_EVENT
         with contextlib.suppress(TimeoutError):
