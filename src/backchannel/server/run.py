@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.util
 import logging
 import re
@@ -169,6 +170,25 @@ def serve(settings: Settings) -> None:
     )
 
 
+#: Collections of the middle generation between two full collections (CPython's default: 10).
+FULL_COLLECTION_EVERY = 100
+
+
+def tune_gc() -> None:
+    """Make full garbage collections rare and shorter in a long-running hub process.
+
+    A full collection walks every tracked object and stops the event loop meanwhile. While
+    10,000 subscribers connected at once, CPython's defaults ran 5 of them, the longest 158 ms
+    (every stream waited); with one every 100 middle-generation collections instead of 10,
+    one ran, 21 ms. What start-up created (modules, classes, the app: objects that live as
+    long as the process) is frozen out of every later collection. Only for the process
+    ``backchannel serve`` runs: a hub mounted in another app leaves its GC alone."""
+    gc.collect()
+    gc.freeze()
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, FULL_COLLECTION_EVERY)
+
+
 def run_server(
     app: BackchannelApp,
     sock: socket.socket,
@@ -212,6 +232,7 @@ def run_server(
     # uvicorn re-raises the signal that stopped it once shutdown is done, with the handler that
     # was in place before it started; a no-op handler makes a graceful SIGTERM exit with 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    tune_gc()
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:
