@@ -62,11 +62,11 @@ def sse_frame(message: Message) -> bytes:
     return message.sse
 
 
-def comeback_ms(retry_ms: int, rand: Callable[[], float] = random.random) -> int:
+def comeback_ms(retry_ms: int) -> int:
     """The ``retry:`` of a stream the hub ends because it is stopping: somewhere between
     ``retry_ms`` and twice that, so that the browsers of thousands of streams do not all come
     back to the restarted hub in the same moment (and overflow its listen queue)."""
-    return retry_ms + int(retry_ms * rand())
+    return retry_ms + int(retry_ms * random.random())
 
 
 class StreamSink:
