@@ -102,9 +102,10 @@ def _redact_tokens(record: logging.LogRecord) -> bool:
     return True
 
 
-def bind(host: str, port: int, *, reuse_port: bool = False, listen: bool = True) -> socket.socket:
-    """A listening socket on ``host:port``; with ``reuse_port``, one that other processes of
-    this user can bind to the same port as well (see :mod:`.workers`)."""
+def bind(host: str, port: int, *, backlog: int | None, reuse_port: bool = False) -> socket.socket:
+    """A socket bound to ``host:port``, listening with ``backlog`` unless that is None; with
+    ``reuse_port``, one that other processes of this user can bind to the same port as well
+    (see :mod:`.workers`)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -115,8 +116,8 @@ def bind(host: str, port: int, *, reuse_port: bool = False, listen: bool = True)
     except OSError as exc:
         sock.close()
         raise SystemExit(f"backchannel: cannot listen on {host}:{port}: {exc.strerror}") from None
-    if listen:
-        sock.listen(2048)
+    if backlog is not None:
+        sock.listen(backlog)
     sock.set_inheritable(True)
     return sock
 
@@ -157,8 +158,9 @@ def serve(settings: Settings) -> None:
 
         supervise(settings)
         return
-    sock = bind(settings.host, settings.port)
-    tcp_socket = bind(settings.host, settings.tcp_port) if settings.tcp else None
+    backlog = settings.listen_backlog
+    sock = bind(settings.host, settings.port, backlog=backlog)
+    tcp_socket = bind(settings.host, settings.tcp_port, backlog=backlog) if settings.tcp else None
     shown = banner(
         settings,
         sock.getsockname()[1],

@@ -38,9 +38,6 @@ log = logging.getLogger("backchannel.tcp")
 SERVER_NAME = f"backchannel/{__version__}"
 #: Publishes in flight on one connection before it stops reading.
 MAX_IN_FLIGHT = 64
-#: Connections the kernel queues before the hub accepts them, unless told otherwise
-#: (``listen_backlog``; create_server listens again).
-LISTEN_BACKLOG = 4096
 
 
 def tcp_frame(message: Message) -> bytes:
@@ -355,7 +352,7 @@ class TcpServer:
         slow_consumer_grace: float = 5.0,
         hello_timeout: float = 10.0,
         limit: ConnectionLimit | None = None,
-        backlog: int = LISTEN_BACKLOG,
+        backlog: int,
     ) -> None:
         self.hub = hub
         self.backlog = backlog

@@ -55,9 +55,9 @@ RESTART_DELAY = 0.5
 
 
 def supervise(settings: Settings) -> None:
-    http = bind(settings.host, settings.port, reuse_port=True, listen=False)
+    http = bind(settings.host, settings.port, backlog=None, reuse_port=True)
     tcp = (
-        bind(settings.host, settings.tcp_port, reuse_port=True, listen=False)
+        bind(settings.host, settings.tcp_port, backlog=None, reuse_port=True)
         if settings.tcp
         else None
     )
@@ -173,8 +173,13 @@ def _worker(
     for fd in inherited:  # the parent's pipe ends (its sockets are left to it: they are objects)
         os.close(fd)
     app = make_app(settings)
-    sock = bind(settings.host, port, reuse_port=True)
-    tcp_socket = bind(settings.host, tcp_port, reuse_port=True) if tcp_port is not None else None
+    backlog = settings.listen_backlog
+    sock = bind(settings.host, port, backlog=backlog, reuse_port=True)
+    tcp_socket = (
+        bind(settings.host, tcp_port, backlog=backlog, reuse_port=True)
+        if tcp_port is not None
+        else None
+    )
 
     def ready() -> None:
         os.write(ready_fd, f"{os.getpid()}\n".encode())
